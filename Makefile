@@ -1,0 +1,36 @@
+# Each target builds its own virtual environment from this repository's files.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+
+.PHONY: demo test bench clean
+
+$(VENV)/.created:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	touch $@
+
+$(VENV)/.test: $(VENV)/.created pyproject.toml
+	$(PIP) install -e ".[test,examples]"
+	touch $@
+
+$(VENV)/.examples: $(VENV)/.created pyproject.toml
+	$(PIP) install -e ".[examples]"
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.created pyproject.toml
+	$(PIP) install -e ".[bench]"
+	touch $@
+
+demo: $(VENV)/.examples  ## run the main example
+	$(PY) examples/quickstart.py
+
+test: $(VENV)/.test  ## run the whole test suite (doctests included)
+	$(PY) -m pytest -q
+
+bench: $(VENV)/.bench  ## run the speed/memory benchmark
+	$(PY) benchmarks/ema_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

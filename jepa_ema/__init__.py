@@ -1,0 +1,40 @@
+"""jepa_ema: the EMA target encoder of JEPA-style self-supervised models, in JAX.
+
+``target <- m(t) * target + (1 - m(t)) * online`` for every floating leaf of a
+parameter pytree, with the momentum schedules of I-JEPA, V-JEPA, BYOL, DINO and
+MoCo. Data flows one way: :mod:`jepa_ema.schedules` -> :mod:`jepa_ema.update`
+-> :mod:`jepa_ema.transform`.
+"""
+
+from jepa_ema.schedules import (
+    Schedule,
+    constant_momentum,
+    cosine_momentum,
+    linear_momentum,
+    warmup_momentum,
+)
+from jepa_ema.transform import (
+    EmaState,
+    EmaTransformation,
+    ema,
+    get_target,
+    track_ema,
+)
+from jepa_ema.update import ema_update, make_ema_update
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Schedule",
+    "constant_momentum",
+    "cosine_momentum",
+    "linear_momentum",
+    "warmup_momentum",
+    "ema_update",
+    "make_ema_update",
+    "EmaState",
+    "EmaTransformation",
+    "ema",
+    "track_ema",
+    "get_target",
+]

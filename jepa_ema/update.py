@@ -1,0 +1,242 @@
+"""The EMA update of a parameter pytree: ``target <- m * target + (1 - m) * online``.
+
+This module is the kernel: it knows pytrees, dtypes and checks, and nothing of
+optax state. :func:`ema_update` is a pure function that works eagerly and
+inside any ``jax.jit``; :func:`make_ema_update` binds a schedule once and
+returns the jit-compiled, buffer-donating three-argument update a training
+loop calls.
+
+Numerics, for every floating-point leaf (``a = 1 - m``)::
+
+    m == 1  ->  target                      (bitwise: the old buffer values)
+    m == 0  ->  online.astype(target.dtype)
+    else    ->  clip(t + a * (o - t), min(t, o), max(t, o)).astype(target.dtype)
+
+computed in float32, or in the target's dtype if that is wider, (so a bfloat16 target is
+blended in float32 and rounded once). The lerp form is exact where target and
+online agree (a converged target does not drift by rounding) and the clip
+guarantees every output lies between target and online, which plain
+``m * t + (1 - m) * o`` does not in floating point. The extra selects are free:
+the update is memory-bound (12 bytes per float32 parameter) and XLA fuses them
+into the one pass over the data.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jepa_ema import schedules as _schedules
+
+__all__ = ["ema_update", "make_ema_update", "EmaUpdateFn"]
+
+PyTree = Any
+EmaUpdateFn = Callable[[PyTree, PyTree, jax.typing.ArrayLike], PyTree]
+"""``(target, online, step) -> new_target``, as returned by :func:`make_ema_update`."""
+
+_MAX_REPR = 400
+
+
+def _short(x: Any) -> str:
+  s = str(x)
+  return s if len(s) <= _MAX_REPR else s[:_MAX_REPR] + " ...]"
+
+
+def _is_array_like(x: Any) -> bool:
+  return isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, complex)
+                    ) and not isinstance(x, bool)
+
+
+def _is_float_leaf(x: Any) -> bool:
+  """Floating (real or complex-free) array-like leaves are blended."""
+  if not _is_array_like(x):
+    return False
+  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  return jnp.issubdtype(dtype, jnp.floating)
+
+
+def _check_trees(target: PyTree, online: PyTree) -> None:
+  """Raises ValueError naming the first key path where the trees differ."""
+  t_def = jax.tree.structure(target)
+  o_def = jax.tree.structure(online)
+  t_leaves, _ = jax.tree_util.tree_flatten_with_path(target)
+  o_leaves, _ = jax.tree_util.tree_flatten_with_path(online)
+  if t_def != o_def:
+    t_paths = [p for p, _ in t_leaves]
+    o_paths = [p for p, _ in o_leaves]
+    where = ""
+    for i in range(max(len(t_paths), len(o_paths))):
+      tp = t_paths[i] if i < len(t_paths) else None
+      op = o_paths[i] if i < len(o_paths) else None
+      if tp != op:
+        t_at = jax.tree_util.keystr(tp) if tp is not None else "no more leaves"
+        o_at = jax.tree_util.keystr(op) if op is not None else "no more leaves"
+        where = (f" They first differ at leaf #{i}: target has {t_at}, "
+                 f"online has {o_at}.")
+        break
+    raise ValueError(
+        "`target` and `online` must have the same tree structure." + where +
+        f"\n  target structure: {_short(t_def)}"
+        f"\n  online structure: {_short(o_def)}")
+  for (path, t), (_, o) in zip(t_leaves, o_leaves):
+    if _is_array_like(t) and _is_array_like(o):
+      if np.shape(t) != np.shape(o):
+        raise ValueError(
+            f"`target` and `online` leaf shapes differ at "
+            f"{jax.tree_util.keystr(path) or '<root>'}: target has shape "
+            f"{np.shape(t)}, online has shape {np.shape(o)}.")
+
+
+def _resolve_momentum(momentum: Any, step: jax.typing.ArrayLike) -> jax.Array:
+  """Evaluates ``momentum`` at ``step``; checks it whenever it is concrete."""
+  if callable(momentum):
+    m = momentum(step)
+    what = f"the schedule {momentum!r} returned"
+  elif isinstance(momentum, (jax.Array, np.ndarray, np.generic)):
+    m = momentum
+    what = "momentum"
+  else:
+    m = _schedules.as_schedule(momentum)(step)  # validates numbers and types
+    what = "momentum"
+  if isinstance(m, bool) or jnp.ndim(m) != 0:
+    raise ValueError(
+        f"{what} must be a scalar, got shape {jnp.shape(m)}: {_short(m)}.")
+  if not jnp.issubdtype(jnp.result_type(m), jnp.floating) and not (
+      jnp.issubdtype(jnp.result_type(m), jnp.integer)):
+    raise TypeError(f"{what} must be a real scalar, got dtype "
+                    f"{jnp.result_type(m)}.")
+  if not isinstance(m, jax.core.Tracer):
+    v = float(m)
+    if not 0.0 <= v <= 1.0:  # also rejects NaN
+      raise ValueError(
+          f"{what} {v!r} at step {_short(step)}; a momentum must lie in "
+          "[0, 1] (it is the weight on the old target).")
+  return jnp.asarray(m).astype(jnp.float32)
+
+
+def _blend(t: Any, o: Any, m: jax.Array) -> Any:
+  """EMA of one leaf: float leaves blended in the target's dtype."""
+  if not _is_float_leaf(t):
+    return o
+  t = jnp.asarray(t)
+  out_dtype = t.dtype
+  # At least float32 (explicit: jnp.promote_types obeys strict promotion).
+  compute = out_dtype if out_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+  tc = t.astype(compute)
+  oc = jnp.asarray(o).astype(compute)
+  a = (1.0 - m).astype(compute)
+  mixed = jnp.clip(tc + a * (oc - tc), jnp.minimum(tc, oc), jnp.maximum(tc, oc))
+  mixed = jnp.where(a == 0, tc, jnp.where(a == 1, oc, mixed))
+  return mixed.astype(out_dtype)
+
+
+def ema_update(target: PyTree, online: PyTree, step: jax.typing.ArrayLike,
+               momentum: _schedules.MomentumLike | jax.typing.ArrayLike
+               ) -> PyTree:
+  """One EMA step of a parameter pytree: ``m * target + (1 - m) * online``.
+
+  ``m = momentum(step)`` for a schedule, or ``momentum`` itself for a number
+  (a traced scalar computed in the caller's ``jit`` is accepted too).
+  Momentum is the weight on the old target: ``optax.incremental_update``'s
+  ``step_size`` is ``1 - m``; ``flax.nnx.EMA``'s ``decay`` and BYOL's ``tau``
+  are ``m``.
+
+  * Floating leaves are blended in float32 (or the target's dtype if wider)
+    and the result keeps the **target's** dtype (a float32 target of bfloat16
+    params stays float32). ``m == 1`` leaves the target bitwise unchanged and
+    ``m == 0`` returns the online values cast to the target's dtype. Every
+    output lies between the target and online values (also in floating point).
+  * Every other leaf (integer counters, bools, PRNG keys, non-array objects)
+    is taken from ``online``.
+  * Leaves keep their sharding and the update is elementwise, so it needs no
+    communication between devices. Changing ``step`` never recompiles.
+
+  Args:
+    target: the target (teacher / EMA) parameter pytree.
+    online: the online (student / context encoder) pytree; same structure and
+      leaf shapes as ``target``.
+    step: the training step ``t`` the schedule is evaluated at; an int or a
+      traced integer scalar.
+    momentum: a schedule (any callable ``step -> momentum``, optax schedules
+      included) or a number in ``[0, 1]``.
+
+  Returns:
+    The new target, with the structure and leaf dtypes of ``target``.
+
+  Raises:
+    ValueError: if the tree structures or leaf shapes differ (the message names
+      the first offending key path and both sides), or if a concrete momentum
+      lies outside ``[0, 1]``.
+    TypeError: if ``momentum`` is neither a schedule nor a real number.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> import jepa_ema
+    >>> target = {"w": jnp.zeros(2), "count": jnp.array(3)}
+    >>> online = {"w": jnp.ones(2), "count": jnp.array(4)}
+    >>> new = jepa_ema.ema_update(target, online, step=0, momentum=0.9)
+    >>> print(np.asarray(new["w"]).round(4), new["count"])
+    [0.1 0.1] 4
+
+    A schedule is evaluated at ``step``:
+
+    >>> schedule = jepa_ema.linear_momentum(0.5, 1.0, total_steps=10)
+    >>> print(np.asarray(jepa_ema.ema_update(target, online, 5, schedule)["w"]).round(4))
+    [0.25 0.25]
+  """
+  m = _resolve_momentum(momentum, step)
+  _check_trees(target, online)
+  return jax.tree.map(lambda t, o: _blend(t, o, m), target, online)
+
+
+def make_ema_update(momentum: _schedules.MomentumLike, *,
+                    donate: bool = True) -> EmaUpdateFn:
+  """Binds a schedule once; returns the jitted ``(target, online, step)`` update.
+
+  This is the function a hand-written training loop calls::
+
+      ema_update_fn = jepa_ema.make_ema_update(jepa_ema.cosine_momentum(
+          0.996, 1.0, total_steps=num_steps))
+      target = ema_update_fn(target, online, step)
+
+  With ``donate=True`` (the default) the old target's buffers are donated to
+  the computation, so the new target is written in place and no second copy
+  of the target is ever allocated. **The old target must not be used after
+  the call** (its arrays are deleted); always rebind the result as above.
+  Called inside the user's own ``jax.jit`` the function simply inlines (the
+  outer jit decides donation). ``step`` is a traced argument: changing it
+  never recompiles.
+
+  Args:
+    momentum: a schedule or a number in ``[0, 1]``; validated now.
+    donate: donate the target's buffers (update in place).
+
+  Returns:
+    A jit-compiled ``ema_update_fn(target, online, step) -> new_target``.
+
+  Raises:
+    ValueError: if a number ``momentum`` is outside ``[0, 1]``.
+    TypeError: if ``momentum`` is neither a schedule nor a number.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jepa_ema
+    >>> ema_update_fn = jepa_ema.make_ema_update(0.75)
+    >>> target = {"w": jnp.zeros(3)}
+    >>> for step in range(2):
+    ...   target = ema_update_fn(target, {"w": jnp.ones(3)}, step)
+    >>> print(target["w"].round(4))  # 1 - 0.75**2
+    [0.4375 0.4375 0.4375]
+  """
+  schedule = _schedules.as_schedule(momentum)
+  fn = functools.partial(_bound_update, schedule)
+  return jax.jit(fn, donate_argnums=(0,) if donate else ())
+
+
+def _bound_update(schedule: _schedules.Schedule, target: PyTree,
+                  online: PyTree, step: jax.typing.ArrayLike) -> PyTree:
+  return ema_update(target, online, step, schedule)

@@ -1,0 +1,285 @@
+"""ema_update / make_ema_update against optax and closed forms; bad inputs."""
+
+import collections
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+import jepa_ema
+
+
+def random_tree(seed, dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(seed), 4)
+  return {
+      "encoder": {
+          "w": jax.random.normal(k[0], (8, 16), dtype),
+          "b": jax.random.normal(k[1], (16,), dtype),
+      },
+      "blocks": [jax.random.normal(k[2], (3, 4), dtype),
+                 jax.random.normal(k[3], (), dtype)],
+  }
+
+
+@pytest.mark.parametrize("m", [0.0, 0.5, 0.9, 0.996, 0.9999, 1.0])
+@pytest.mark.standard_promotion
+def test_matches_optax_incremental_update(m, maybe_jit):
+  target, online = random_tree(0), random_tree(1)
+  ours = maybe_jit(jepa_ema.ema_update)(target, online, 7, m)
+  oracle = optax.incremental_update(online, target, step_size=1.0 - m)
+  chex.assert_trees_all_close(ours, oracle, atol=1e-6, rtol=1e-6)
+
+
+def test_matches_float64_reference(maybe_jit):
+  target, online = random_tree(2), random_tree(3)
+  sched = jepa_ema.cosine_momentum(0.9, 1.0, total_steps=20)
+  f = maybe_jit(lambda t, o, step: jepa_ema.ema_update(t, o, step, sched))
+  ref = jax.tree.map(lambda x: np.asarray(x, np.float64), target)
+  on64 = jax.tree.map(lambda x: np.asarray(x, np.float64), online)
+  for step in range(25):
+    target = f(target, online, step)
+    m = np.float64(np.float32(sched(step)))
+    ref = jax.tree.map(lambda t, o: m * t + (1 - m) * o, ref, on64)
+  chex.assert_trees_all_close(target, ref, atol=1e-6)
+
+
+def test_m_equals_one_is_bitwise_identity(maybe_jit):
+  target = {"a": jnp.array([-0.0, 1e-38, np.inf, 3.0]),
+            "b": jnp.array([1.5, -2.25], jnp.bfloat16)}
+  online = {"a": jnp.array([5.0, np.inf, 1.0, np.nan]),
+            "b": jnp.array([7.0, 3.0], jnp.bfloat16)}
+  out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 1.0)
+  for k in target:
+    np.testing.assert_array_equal(
+        np.asarray(out[k]).view(np.uint8), np.asarray(target[k]).view(np.uint8))
+
+
+def test_m_equals_zero_is_online_cast(maybe_jit):
+  target = {"a": jnp.zeros(3, jnp.bfloat16), "b": jnp.ones(3)}
+  online = {"a": jnp.array([1.1, 2.2, 3.3], jnp.float32),
+            "b": jnp.array([-0.0, 1e-30, 7.0])}
+  out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 0.0)
+  assert out["a"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(out["a"], online["a"].astype(jnp.bfloat16))
+  np.testing.assert_array_equal(np.asarray(out["b"]).view(np.uint32),
+                                np.asarray(online["b"]).view(np.uint32))
+
+
+@pytest.mark.parametrize("t_dtype,o_dtype", [
+    (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16),
+    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32),
+    (jnp.float32, jnp.float32)])
+def test_keeps_target_dtype_and_computes_in_f32(t_dtype, o_dtype, maybe_jit):
+  target = {"w": jnp.linspace(-1, 1, 64).astype(t_dtype)}
+  online = {"w": jnp.linspace(2, 0, 64).astype(o_dtype)}
+  out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 0.7)
+  assert out["w"].dtype == t_dtype
+  t64 = np.asarray(target["w"].astype(jnp.float32), np.float64)
+  o64 = np.asarray(online["w"].astype(jnp.float32), np.float64)
+  ref = (0.7 * t64 + 0.3 * o64).astype(np.float32)
+  # Computed in float32, rounded once to the target dtype: round-to-nearest
+  # of the float32 result (allow one float32 ulp before the final rounding).
+  expected = jnp.asarray(ref).astype(t_dtype)
+  np.testing.assert_allclose(np.asarray(out["w"], np.float32),
+                             np.asarray(expected, np.float32),
+                             rtol=float(jnp.finfo(t_dtype).eps), atol=1e-6)
+
+
+def test_non_float_leaves_come_from_online(maybe_jit):
+  Pair = collections.namedtuple("Pair", "w count")
+  target = {"p": Pair(jnp.zeros(2), jnp.array(1, jnp.int32)),
+            "mask": jnp.array([True, False]),
+            "key": jax.random.key(0), "raw_key": jax.random.PRNGKey(0)}
+  online = {"p": Pair(jnp.ones(2), jnp.array(9, jnp.int32)),
+            "mask": jnp.array([False, True]),
+            "key": jax.random.key(1), "raw_key": jax.random.PRNGKey(1)}
+  out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 0.5)
+  assert isinstance(out["p"], Pair)
+  np.testing.assert_allclose(out["p"].w, 0.5)
+  assert int(out["p"].count) == 9 and out["p"].count.dtype == jnp.int32
+  np.testing.assert_array_equal(out["mask"], online["mask"])
+  np.testing.assert_array_equal(jax.random.key_data(out["key"]),
+                                jax.random.key_data(online["key"]))
+  np.testing.assert_array_equal(out["raw_key"], online["raw_key"])
+
+
+def test_non_array_leaves_come_from_online():
+  out = jepa_ema.ema_update({"name": "a", "w": jnp.zeros(1)},
+                            {"name": "b", "w": jnp.ones(1)}, 0, 0.5)
+  assert out["name"] == "b"
+
+
+def test_python_float_leaves_are_blended_like_under_jit():
+  eager = jepa_ema.ema_update({"s": 0.0}, {"s": 1.0}, 0, 0.75)
+  jitted = jax.jit(jepa_ema.ema_update)({"s": 0.0}, {"s": 1.0}, 0, 0.75)
+  assert float(eager["s"]) == float(jitted["s"]) == 0.25
+
+
+def test_traced_momentum_inside_jit():
+  @jax.jit
+  def f(t, o, m):
+    return jepa_ema.ema_update(t, o, 0, m)
+  np.testing.assert_allclose(f(jnp.zeros(2), jnp.ones(2), jnp.float32(0.25)),
+                             0.75)
+
+
+@pytest.mark.standard_promotion
+def test_optax_schedule_as_momentum(maybe_jit):
+  sched = optax.linear_schedule(0.5, 1.0, 10)
+  f = maybe_jit(lambda t, o, step: jepa_ema.ema_update(t, o, step, sched))
+  out = f(jnp.zeros(2), jnp.ones(2), 4)
+  np.testing.assert_allclose(out, 1 - 0.7, rtol=1e-6)
+
+
+def test_one_compilation_for_50_steps():
+  sched = jepa_ema.cosine_momentum(total_steps=100)
+
+  @jax.jit
+  @chex.assert_max_traces(n=1)
+  def step_fn(target, online, step):
+    return jepa_ema.ema_update(target, online, step, sched)
+
+  target, online = random_tree(0), random_tree(1)
+  for step in range(50):
+    target = step_fn(target, online, jnp.asarray(step, jnp.int32))
+  assert step_fn._cache_size() == 1
+
+
+def test_make_ema_update_compiles_once_and_donates():
+  fn = jepa_ema.make_ema_update(jepa_ema.linear_momentum(total_steps=50))
+  target, online = random_tree(0), random_tree(1)
+  for step in range(50):
+    old = target
+    target = fn(target, online, step)
+  assert fn._cache_size() == 1
+  # The previous target was donated: its buffers are gone.
+  assert all(x.is_deleted() for x in jax.tree.leaves(old))
+  assert not any(x.is_deleted() for x in jax.tree.leaves(online))
+
+
+def test_make_ema_update_without_donation_keeps_old_target():
+  fn = jepa_ema.make_ema_update(0.5, donate=False)
+  target = {"w": jnp.zeros(3)}
+  new = fn(target, {"w": jnp.ones(3)}, 0)
+  assert not target["w"].is_deleted()
+  np.testing.assert_allclose(new["w"], 0.5)
+
+
+def test_make_ema_update_inlines_in_user_jit():
+  fn = jepa_ema.make_ema_update(0.5)
+
+  @jax.jit
+  def train_step(target, online):
+    online = jax.tree.map(lambda x: x * 2.0, online)
+    return fn(target, online, 0), online
+
+  target, online = train_step({"w": jnp.zeros(2)}, {"w": jnp.ones(2)})
+  np.testing.assert_allclose(target["w"], 1.0)
+
+
+# One row per bad input: (target, online, step, momentum, exception, match).
+BAD_INPUTS = [
+    ("momentum > 1", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, 1.01,
+     ValueError, r"\[0, 1\]"),
+    ("momentum < 0", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, -0.5,
+     ValueError, r"\[0, 1\]"),
+    ("momentum NaN", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0,
+     float("nan"), ValueError, "finite"),
+    ("momentum string", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, "0.9",
+     TypeError, "schedule"),
+    ("momentum vector", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0,
+     jnp.array([0.9, 0.9]), ValueError, "scalar"),
+    ("schedule out of range", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0,
+     lambda step: 1.5, ValueError, r"returned 1\.5"),
+    ("missing key", {"w": jnp.zeros(2), "b": jnp.zeros(1)},
+     {"w": jnp.ones(2)}, 0, 0.9, ValueError, r"\['b'\]"),
+    ("renamed key", {"enc": {"w": jnp.zeros(2)}}, {"enc": {"v": jnp.ones(2)}},
+     0, 0.9, ValueError, r"\['enc'\]\['w'\].*\['enc'\]\['v'\]"),
+    ("list length", [jnp.zeros(2)], [jnp.zeros(2), jnp.zeros(2)], 0, 0.9,
+     ValueError, r"no more leaves.*\[1\]"),
+    ("shape", {"enc": {"w": jnp.zeros((2, 3))}}, {"enc": {"w": jnp.ones((3, 2))}},
+     0, 0.9, ValueError, r"\['enc'\]\['w'\].*\(2, 3\).*\(3, 2\)"),
+    ("rank", {"w": jnp.zeros(3)}, {"w": jnp.ones((1, 3))}, 0, 0.9,
+     ValueError, r"\['w'\].*\(3,\).*\(1, 3\)"),
+]
+
+
+@pytest.mark.parametrize(
+    "target,online,step,momentum,exc,match",
+    [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
+def test_bad_inputs(target, online, step, momentum, exc, match):
+  with pytest.raises(exc, match=match):
+    jepa_ema.ema_update(target, online, step, momentum)
+
+
+def test_bad_momentum_at_make_time():
+  with pytest.raises(ValueError, match="momentum"):
+    jepa_ema.make_ema_update(1.5)
+
+
+def test_mismatch_is_reported_under_jit():
+  with pytest.raises(ValueError, match="shape"):
+    jax.jit(jepa_ema.ema_update, static_argnums=3)(
+        {"w": jnp.zeros(2)}, {"w": jnp.zeros(3)}, 0, 0.5)
+
+
+# Any finite float32, huge ones included (o - t may overflow); XLA on CPU
+# flushes subnormals to zero, so those are left out.
+finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32,
+                     allow_subnormal=False)
+
+
+@given(
+    t=hnp.arrays(np.float32, st.integers(1, 64), elements=finite32),
+    data=st.data(),
+    m=st.floats(0.0, 1.0),
+)
+def test_property_output_between_target_and_online(t, data, m):
+  o = data.draw(hnp.arrays(np.float32, t.shape, elements=finite32))
+  out = np.asarray(jepa_ema.ema_update(jnp.asarray(t), jnp.asarray(o), 0, m))
+  assert np.all(out >= np.minimum(t, o)) and np.all(out <= np.maximum(t, o))
+
+
+@given(
+    t=hnp.arrays(np.float32, st.integers(1, 32),
+                 elements=st.floats(-100, 100, width=32)),
+    m=st.floats(0.0, 1.0),
+)
+def test_property_fixed_point(t, m):
+  """A target equal to online never moves (no drift by rounding)."""
+  out = np.asarray(jepa_ema.ema_update(jnp.asarray(t), jnp.asarray(t), 0, m))
+  np.testing.assert_array_equal(out, t)
+
+
+def _flax_and_equinox_trees():
+  from flax import nnx
+  import equinox as eqx
+  import flax.linen as nn
+
+  nnx_state_a = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
+  nnx_state_b = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(1)), nnx.Param)
+  linen = nn.Dense(4)
+  lin_a = linen.init(jax.random.key(0), jnp.ones((1, 3)))["params"]
+  lin_b = linen.init(jax.random.key(1), jnp.ones((1, 3)))["params"]
+  mlp_a = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(0))
+  mlp_b = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(1))
+  eqx_a = eqx.filter(mlp_a, eqx.is_inexact_array)
+  eqx_b = eqx.filter(mlp_b, eqx.is_inexact_array)
+  return [("nnx.State", nnx_state_a, nnx_state_b),
+          ("linen", lin_a, lin_b), ("equinox", eqx_a, eqx_b)]
+
+
+@pytest.mark.standard_promotion
+@pytest.mark.parametrize("idx", [0, 1, 2], ids=["nnx", "linen", "equinox"])
+def test_framework_trees(idx, maybe_jit):
+  _, a, b = _flax_and_equinox_trees()[idx]
+  out = maybe_jit(jepa_ema.ema_update)(a, b, 0, 0.75)
+  assert jax.tree.structure(out) == jax.tree.structure(a)
+  expected = jax.tree.map(lambda x, y: 0.75 * x + 0.25 * y, a, b)
+  chex.assert_trees_all_close(out, expected, atol=1e-6)
