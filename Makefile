@@ -23,8 +23,8 @@ $(VENV)/.bench: $(VENV)/.created pyproject.toml
 	$(PIP) install -e ".[bench]"
 	touch $@
 
-demo: $(VENV)/.examples  ## run the main example
-	$(PY) examples/quickstart.py
+demo: $(VENV)/.examples  ## run the main example: a tiny I-JEPA on digits (~2-3 min)
+	$(PY) examples/ijepa_digits.py
 
 test: $(VENV)/.test  ## run the whole test suite (doctests included)
 	$(PY) -m pytest -q

@@ -69,7 +69,7 @@ PATCH_DIM = 4
 class Config:
   steps: int = 1500
   batch_size: int = 64
-  lr: float = 1e-3
+  lr: float = 3e-3
   weight_decay: float = 0.05
   warmup: int = 100
   width: int = 64
@@ -267,7 +267,9 @@ def embedding_std(z: np.ndarray) -> float:
 
 
 def effective_rank(z: np.ndarray) -> float:
-  s = np.linalg.svd(z - z.mean(0), compute_uv=False)
+  """RankMe (Garrido et al., arXiv:2210.02885): exp entropy of the singular
+  values of the (uncentred) embedding matrix; ~1 for collapsed embeddings."""
+  s = np.linalg.svd(z.astype(np.float64), compute_uv=False)
   p = s / max(s.sum(), 1e-12) + 1e-12
   return float(np.exp(-np.sum(p * np.log(p))))
 
@@ -510,7 +512,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="'cosine' (BYOL), 'linear' (I-JEPA) or a float")
   p.add_argument("--quick", action="store_true", help="short CI run")
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--lr", type=float, default=1e-3)
+  p.add_argument("--lr", type=float, default=3e-3,
+                 help="peak AdamW learning rate (momentum-0 collapse needs a\n"
+                 "high one: at 1e-3 it collapses mid-run and recovers)")
   p.add_argument("--runs", default="ema,no_ema",
                  help="comma-separated subset of ema,no_ema")
   p.add_argument("--out-dir", default="outputs", type=pathlib.Path)

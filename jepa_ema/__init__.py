@@ -18,9 +18,10 @@ from jepa_ema.transform import (
     EmaTransformation,
     ema,
     get_target,
+    state_shardings,
     track_ema,
 )
-from jepa_ema.update import ema_update, make_ema_update
+from jepa_ema.update import ShardingMismatchWarning, ema_update, make_ema_update
 
 __version__ = "0.1.0"
 
@@ -32,9 +33,11 @@ __all__ = [
     "warmup_momentum",
     "ema_update",
     "make_ema_update",
+    "ShardingMismatchWarning",
     "EmaState",
     "EmaTransformation",
     "ema",
     "track_ema",
     "get_target",
+    "state_shardings",
 ]

@@ -20,7 +20,8 @@ import optax
 from jepa_ema import schedules as _schedules
 from jepa_ema import update as _update
 
-__all__ = ["EmaState", "EmaTransformation", "ema", "track_ema", "get_target"]
+__all__ = ["EmaState", "EmaTransformation", "ema", "track_ema", "get_target",
+           "state_shardings"]
 
 PyTree = Any
 _INT32_MAX = np.iinfo(np.int32).max
@@ -53,6 +54,34 @@ class EmaTransformation(NamedTuple):
 
   init: Callable[[PyTree], EmaState]
   update: Callable[[PyTree, EmaState], EmaState]
+
+  def jit(self, *, donate: bool = True) -> Callable[[PyTree, EmaState],
+                                                    EmaState]:
+    """``update`` compiled with ``jax.jit``, the state donated (in place).
+
+    The fast path for a standalone EMA step (outside your own jitted train
+    step): the new target is written into the old target's buffers, so no
+    second copy is allocated. **The old state must not be used after the
+    call**; rebind it: ``state = update(params, state)``. Build it once and
+    reuse it (each call of ``jit()`` makes a new compilation cache).
+
+    Args:
+      donate: donate the state's buffers (default True).
+
+    Returns:
+      ``update(params, state) -> state``, jit-compiled.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jepa_ema
+      >>> ema = jepa_ema.ema(0.5)
+      >>> update = ema.jit()
+      >>> state = ema.init({"w": jnp.zeros(2)})
+      >>> state = update({"w": jnp.ones(2)}, state)
+      >>> print(state.target["w"])
+      [0.5 0.5]
+    """
+    return jax.jit(self.update, donate_argnums=(1,) if donate else ())
 
 
 def _safe_increment(count: jax.Array) -> jax.Array:
@@ -269,3 +298,59 @@ def get_target(opt_state: Any) -> PyTree:
         "get_target needs exactly one. Index into the state and pass the one "
         "you want.")
   return found[0][1].target
+
+
+def _sharding_of(x: Any) -> Any:
+  if isinstance(x, jax.sharding.Sharding):
+    return x
+  return getattr(x, "sharding", None)
+
+
+def state_shardings(params: PyTree) -> EmaState:
+  """The shardings of the :class:`EmaState` of ``params``.
+
+  The target inherits each parameter's sharding (the update is elementwise,
+  so it then needs no communication); ``step`` and ``skipped`` are replicated
+  scalars on the same mesh. Use it as ``out_shardings`` of a jitted ``init``,
+  or to build the abstract state for a sharded checkpoint restore::
+
+      shardings = jepa_ema.state_shardings(params)
+      state = jax.jit(ema.init, out_shardings=shardings)(params)
+
+  Args:
+    params: a pytree of arrays, ``jax.ShapeDtypeStruct`` s with shardings, or
+      ``jax.sharding.Sharding`` s (e.g. the ``out_shardings`` of your params).
+      Leaves without a sharding map to ``None`` (unspecified).
+
+  Returns:
+    An :class:`EmaState` whose leaves are shardings.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jepa_ema
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    >>> params = {"w": jax.device_put(jnp.zeros(4), sh)}
+    >>> shardings = jepa_ema.state_shardings(params)
+    >>> shardings.target["w"] == sh, shardings.step.spec
+    (True, P())
+  """
+  is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
+  target = jax.tree.map(_sharding_of, params, is_leaf=is_sharding)
+  found = [s for s in jax.tree.leaves(target, is_leaf=is_sharding)
+           if is_sharding(s)]
+  if not found:
+    raise ValueError(
+        "state_shardings: `params` has no leaf with a sharding (got leaves "
+        f"of types {sorted({type(x).__name__ for x in jax.tree.leaves(params)})}"
+        "); pass arrays, ShapeDtypeStructs with shardings, or shardings.")
+  first = found[0]
+  if isinstance(first, jax.sharding.NamedSharding):
+    scalar = jax.sharding.NamedSharding(first.mesh,
+                                        jax.sharding.PartitionSpec())
+  else:
+    devices = sorted(first.device_set, key=lambda d: d.id)
+    scalar = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(devices), ("_replica",)),
+        jax.sharding.PartitionSpec())
+  return EmaState(step=scalar, target=target, skipped=scalar)

@@ -1,0 +1,64 @@
+"""Sharded meshes (8 simulated CPU devices, in a subprocess): the target
+inherits each parameter's NamedSharding, the update compiles to a program
+with no collectives, and a layout mismatch is reported."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parent / "scripts" / "sharded_ema.py"
+
+
+@pytest.fixture(scope="module", params=["auto", "explicit"])
+def result(request):
+  """Mesh axes of both kinds: Auto (XLA picks layouts) and Explicit (layouts
+  in the types; ``jax.make_mesh``'s default in recent JAX)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.run([sys.executable, str(SCRIPT), request.param], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_eight_devices(result):
+  assert result["devices"] == 8
+
+
+@pytest.mark.parametrize("key", ["init_eager_keeps", "init_jit_keeps",
+                                 "init_out_shardings_keeps",
+                                 "state_shardings_match", "update_keeps",
+                                 "update_values_ok", "make_ema_update_keeps",
+                                 "track_ema_keeps"])
+def test_shardings_are_kept(result, key):
+  assert result[key] is True
+
+
+@pytest.mark.parametrize("key", ["update_collectives",
+                                 "make_ema_update_collectives",
+                                 "track_ema_collectives"])
+def test_no_collectives(result, key):
+  assert result[key] == []
+
+
+def test_skip_nonfinite_needs_only_a_scalar_all_reduce(result):
+  assert result["skip_nonfinite_collectives"] == ["all-reduce"]
+
+
+def test_mismatch_is_reported(result):
+  if "mismatch_errors" in result:  # explicit axes: ValueError, also in jit
+    errors = result["mismatch_errors"]
+    assert len(errors) == 3 and all(e and "['bias']" in e for e in errors)
+    assert all("P('model',)" in e and "P('data',)" in e for e in errors)
+    return
+  msgs = result["mismatch_warnings"]
+  assert len(msgs) == 2  # eager ema_update and make_ema_update
+  for m in msgs:
+    assert "['bias']" in m and "sharded differently" in m
+  assert result["mismatch_collectives"], "a mismatch should need collectives"
+  assert result["matched_warnings"] == []
