@@ -1,0 +1,481 @@
+"""Speed and memory of the EMA update, against the memory roofline and the
+alternatives, measured side by side in one run.
+
+The update is memory-bound: per float32 parameter it reads the target, reads
+the online value and writes the target (12 bytes). The *roofline* is the best
+2-read-1-write pass this machine does over one flat buffer of the same size
+(``numpy.add(t, o, out=t)``), measured in the same run, interleaved with every
+variant, so machine noise hits all of them alike.
+
+Variants (each one EMA step of a whole parameter tree):
+
+* ``jepa_ema ema().jit()``       the stateful wrapper as a user calls it, state
+                                 donated (in place);
+* ``jepa_ema make_ema_update``   the bound three-argument update (donated);
+* ``jepa_ema in train step``     ``ema().update`` inside a bigger jitted
+                                 function (K updates in a ``fori_loop``): the
+                                 in-graph cost, dispatch paid once per step;
+* ``flat buffer in train step``  the same on one flat buffer of the same size;
+* ``jit tree_map (no donation)``, ``eager tree_map``,
+  ``optax.incremental_update (jit)``: what users write by hand;
+* ``torch _foreach_lerp_`` / ``torch mul_+add_ (I-JEPA)`` when torch imports;
+* ``bf16 params, f32 target``    ``ema(dtype=float32)`` with bfloat16 params
+                                 (10 bytes per parameter);
+* ``jit dispatch floor``         a donated jit that returns its input: what
+                                 JAX pays per call for the argument buffers.
+
+Peak memory above the two model copies (target + online) is measured for each
+variant in a fresh subprocess (``VmHWM`` from ``/proc/self/status``).
+
+Usage::
+
+  python benchmarks/ema_bench.py --quick     # ViT-S/16 + 1000 leaves, < 1 min
+  python benchmarks/ema_bench.py             # + ViT-B/16, ViT-L/16
+  python benchmarks/ema_bench.py --json out.json --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+# --------------------------------------------------------------------- trees
+
+VITS = {"vit_s16": (384, 12), "vit_b16": (768, 12), "vit_l16": (1024, 24)}
+
+
+def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
+  """Leaf shapes of a ViT/16 at 224 px (timm layout), or 1000 small leaves."""
+  if name == "small1000":
+    return {f"leaf{i:04d}": (1024,) for i in range(1000)}
+  width, depth = VITS[name]
+  shapes = {"patch_embed/kernel": (16 * 16 * 3, width),
+            "patch_embed/bias": (width,), "cls_token": (1, 1, width),
+            "pos_embed": (1, 197, width), "norm/scale": (width,),
+            "norm/bias": (width,)}
+  for b in range(depth):
+    p = f"blocks{b:02d}/"
+    shapes.update({
+        p + "norm1/scale": (width,), p + "norm1/bias": (width,),
+        p + "attn/qkv/kernel": (width, 3 * width),
+        p + "attn/qkv/bias": (3 * width,),
+        p + "attn/proj/kernel": (width, width), p + "attn/proj/bias": (width,),
+        p + "norm2/scale": (width,), p + "norm2/bias": (width,),
+        p + "mlp/fc1/kernel": (width, 4 * width),
+        p + "mlp/fc1/bias": (4 * width,),
+        p + "mlp/fc2/kernel": (4 * width, width), p + "mlp/fc2/bias": (width,),
+    })
+  return shapes
+
+
+def num_params(name: str) -> int:
+  return int(sum(np.prod(s) for s in tree_shapes(name).values()))
+
+
+def make_numpy_tree(name: str, seed: int, dtype=np.float32) -> dict:
+  rng = np.random.default_rng(seed)
+  return {k: rng.standard_normal(s, dtype=np.float32).astype(dtype)
+          for k, s in tree_shapes(name).items()}
+
+
+# ------------------------------------------------------------------ variants
+
+MOMENTUM = 0.996
+
+
+class Variant:
+  """Holds its own buffers; ``run()`` does one full update, synchronously."""
+
+  name = ""
+  bytes_per_param = 12
+
+  def setup(self, tree: str) -> None:
+    raise NotImplementedError
+
+  def run(self) -> None:
+    raise NotImplementedError
+
+  def per_call(self) -> int:
+    return 1  # updates performed by one run()
+
+
+def _jax():
+  import jax
+  import jax.numpy as jnp
+  return jax, jnp
+
+
+class Roofline(Variant):
+  name = "roofline: numpy add(t, o, out=t)"
+
+  def setup(self, tree):
+    n = num_params(tree)
+    self.t = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    self.o = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+
+  def run(self):
+    np.add(self.t, self.o, out=self.t)
+
+
+class JepaWrapper(Variant):
+  name = "jepa_ema ema().jit() (donated)"
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    import jepa_ema
+    self.ema = jepa_ema.ema(MOMENTUM)
+    self.update = self.ema.jit()
+    self.online = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 1))
+    self.state = self.ema.init(jax.tree.map(jnp.asarray,
+                                            make_numpy_tree(tree, 0)))
+
+  def run(self):
+    jax, _ = _jax()
+    self.state = self.update(self.online, self.state)
+    jax.block_until_ready(self.state)
+
+
+class JepaBound(Variant):
+  name = "jepa_ema make_ema_update (donated)"
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    import jepa_ema
+    self.fn = jepa_ema.make_ema_update(MOMENTUM)
+    self.online = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 1))
+    self.target = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+    self.step = 0
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target, self.online, self.step)
+    jax.block_until_ready(self.target)
+
+
+K_INNER = 8
+
+
+class JepaInStep(Variant):
+  name = f"jepa_ema in train step (per update, K={K_INNER})"
+
+  def per_call(self):
+    return K_INNER
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    import jepa_ema
+    ema = jepa_ema.ema(MOMENTUM)
+
+    def many(state, online):
+      return jax.lax.fori_loop(0, K_INNER,
+                               lambda i, s: ema.update(online, s), state)
+
+    self.fn = jax.jit(many, donate_argnums=0)
+    self.online = jax.tree.map(jnp.asarray, self._tree(tree, 1))
+    self.state = ema.init(jax.tree.map(jnp.asarray, self._tree(tree, 0)))
+
+  def _tree(self, tree, seed):
+    return make_numpy_tree(tree, seed)
+
+  def run(self):
+    jax, _ = _jax()
+    self.state = self.fn(self.state, self.online)
+    jax.block_until_ready(self.state)
+
+
+class FlatInStep(JepaInStep):
+  name = f"flat buffer in train step (per update, K={K_INNER})"
+
+  def _tree(self, tree, seed):
+    return {"flat": np.random.default_rng(seed).standard_normal(
+        num_params(tree), dtype=np.float32)}
+
+
+class JitTreeMapNoDonate(Variant):
+  name = "jit tree_map (no donation)"
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    m = MOMENTUM
+    self.fn = jax.jit(lambda t, o: jax.tree.map(
+        lambda a, b: m * a + (1 - m) * b, t, o))
+    self.online = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 1))
+    self.target = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target, self.online)
+    jax.block_until_ready(self.target)
+
+
+class JitTreeMapDonate(JitTreeMapNoDonate):
+  name = "jit tree_map (donated)"
+
+  def setup(self, tree):
+    super().setup(tree)
+    jax, _ = _jax()
+    m = MOMENTUM
+    self.fn = jax.jit(lambda t, o: jax.tree.map(
+        lambda a, b: m * a + (1 - m) * b, t, o), donate_argnums=0)
+
+
+class EagerTreeMap(JitTreeMapNoDonate):
+  name = "eager tree_map"
+
+  def setup(self, tree):
+    super().setup(tree)
+    jax, _ = _jax()
+    m = MOMENTUM
+    self.fn = lambda t, o: jax.tree.map(lambda a, b: m * a + (1 - m) * b, t, o)
+
+
+class OptaxIncremental(JitTreeMapNoDonate):
+  name = "optax.incremental_update (jit)"
+
+  def setup(self, tree):
+    super().setup(tree)
+    jax, _ = _jax()
+    import optax
+    self.fn = jax.jit(lambda t, o: optax.incremental_update(
+        o, t, step_size=1 - MOMENTUM))
+
+
+class Bf16Params(Variant):
+  name = "jepa_ema bf16 params, f32 target"
+  bytes_per_param = 10
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    import jepa_ema
+    ema = jepa_ema.ema(MOMENTUM, dtype=jnp.float32)
+    self.update = ema.jit()
+    self.online = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16),
+                               make_numpy_tree(tree, 1))
+    self.state = ema.init(jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16),
+                                       make_numpy_tree(tree, 0)))
+
+  def run(self):
+    jax, _ = _jax()
+    self.state = self.update(self.online, self.state)
+    jax.block_until_ready(self.state)
+
+
+class DispatchFloor(Variant):
+  name = "jit dispatch floor (identity, donated)"
+  bytes_per_param = 0
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    self.fn = jax.jit(lambda t: jax.tree.map(lambda x: x, t),
+                      donate_argnums=0)
+    self.target = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target)
+    jax.block_until_ready(self.target)
+
+
+class TorchLerp(Variant):
+  name = "torch _foreach_lerp_"
+
+  def setup(self, tree):
+    import torch
+    self.torch = torch
+    self.t = [torch.from_numpy(x) for x in make_numpy_tree(tree, 0).values()]
+    self.o = [torch.from_numpy(x) for x in make_numpy_tree(tree, 1).values()]
+
+  def run(self):
+    with self.torch.no_grad():
+      self.torch._foreach_lerp_(self.t, self.o, 1 - MOMENTUM)
+
+
+class TorchMulAdd(TorchLerp):
+  name = "torch mul_+add_ (I-JEPA)"
+
+  def run(self):
+    with self.torch.no_grad():
+      self.torch._foreach_mul_(self.t, MOMENTUM)
+      self.torch._foreach_add_(self.t, self.o, alpha=1 - MOMENTUM)
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def all_variants() -> list[type[Variant]]:
+  out = [Roofline, JepaWrapper, JepaBound, JepaInStep, FlatInStep,
+         JitTreeMapDonate, JitTreeMapNoDonate, OptaxIncremental, EagerTreeMap,
+         Bf16Params, DispatchFloor]
+  if torch_available():
+    out += [TorchLerp, TorchMulAdd]
+  return out
+
+
+# ------------------------------------------------------------------- timing
+
+
+def time_interleaved(tree: str, variants: list[Variant], repeats: int,
+                     budget_s: float) -> dict[str, list[float]]:
+  """Round-robin: each round times one call of every variant."""
+  for v in variants:
+    v.setup(tree)
+    v.run()  # compile / warm up
+    v.run()
+  times: dict[str, list[float]] = {v.name: [] for v in variants}
+  t_end = time.perf_counter() + budget_s
+  for r in range(repeats):
+    for v in variants:
+      t0 = time.perf_counter()
+      v.run()
+      times[v.name].append((time.perf_counter() - t0) / v.per_call())
+    if r >= 2 and time.perf_counter() > t_end:
+      break
+  return times
+
+
+def _status(field: str) -> int:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) * 1024
+  return -1
+
+
+def memory_child(tree: str, variant_name: str) -> None:
+  """In a fresh process: peak RSS of 3 updates above the two model copies."""
+  cls = {c.name: c for c in all_variants()}[variant_name]
+  v = cls()
+  _jax()  # imports and backend start-up are not the variant's memory
+  import jax
+  jax.devices()
+  base = _status("VmRSS")
+  v.setup(tree)
+  v.run()
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # reset VmHWM (the peak) to the current RSS
+  for _ in range(3):
+    v.run()
+  peak = _status("VmHWM")
+  copy_bytes = num_params(tree) * 4
+  print(json.dumps({"peak_above_two_copies_bytes":
+                    peak - base - 2 * copy_bytes, "copy_bytes": copy_bytes}))
+
+
+def memory_of(tree: str, variant_name: str) -> float | None:
+  proc = subprocess.run(
+      [sys.executable, __file__, "--memory-child", tree, variant_name],
+      capture_output=True, text=True, timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  if proc.returncode != 0:
+    print(f"  (memory run failed for {variant_name}: "
+          f"{proc.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+    return None
+  res = json.loads(proc.stdout.strip().splitlines()[-1])
+  return res["peak_above_two_copies_bytes"] / res["copy_bytes"]
+
+
+# --------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--quick", action="store_true",
+                 help="ViT-S/16 and 1000 leaves only, few repeats (< 1 min)")
+  p.add_argument("--trees", default=None,
+                 help="comma-separated subset of vit_s16,vit_b16,vit_l16,"
+                 "small1000")
+  p.add_argument("--repeats", type=int, default=None)
+  p.add_argument("--no-memory", action="store_true")
+  p.add_argument("--json", default="benchmarks/results.json")
+  p.add_argument("--markdown", default=None)
+  p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.memory_child:
+    memory_child(*args.memory_child)
+    return {}
+
+  from tqdm.auto import tqdm
+
+  trees = (args.trees.split(",") if args.trees else
+           (["vit_s16", "small1000"] if args.quick else
+            ["vit_s16", "vit_b16", "vit_l16", "small1000"]))
+  for t in trees:
+    if t not in VITS and t != "small1000":
+      p.error(f"unknown tree {t!r}")
+  repeats = args.repeats or (10 if args.quick else 30)
+  jax, _ = _jax()
+  meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
+          "python": platform.python_version(), "jax": jax.__version__,
+          "backend": jax.devices()[0].platform,
+          "torch": torch_available() and __import__("torch").__version__}
+  print(f"# EMA update benchmark ({meta})\n")
+  results: dict[str, Any] = {"meta": meta, "trees": {}}
+  lines = []
+  for tree in trees:
+    n = num_params(tree)
+    variants = [c() for c in all_variants()]
+    budget = 20 if args.quick else 120
+    times = time_interleaved(tree, variants, repeats, budget)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    roof = med[Roofline.name]
+    torch_ref = med.get(TorchLerp.name)
+    rows = {}
+    mem_iter = tqdm([v for v in variants if not args.no_memory
+                     and not isinstance(v, DispatchFloor)],
+                    desc=f"memory {tree}", leave=False, disable=args.quick)
+    mem = {v.name: memory_of(tree, v.name) for v in mem_iter}
+    for v in variants:
+      t = med[v.name]
+      bytes_moved = v.bytes_per_param * n
+      rows[v.name] = {
+          "ms_median": t * 1e3, "ms_min": min(times[v.name]) * 1e3,
+          "gb_s": bytes_moved / t / 1e9 if bytes_moved else None,
+          "vs_roofline": (roof / t * v.bytes_per_param / 12
+                          if v.bytes_per_param else None),
+          "vs_torch_lerp": torch_ref / t if torch_ref else None,
+          "peak_mem_above_2_copies": mem.get(v.name),
+          "samples": len(times[v.name])}
+    results["trees"][tree] = {"params": n, "leaves": len(tree_shapes(tree)),
+                              "rows": rows}
+    head = (f"\n## {tree}: {n / 1e6:.1f} M float32 params, "
+            f"{len(tree_shapes(tree))} leaves, {12 * n / 1e9:.2f} GB moved "
+            "per update\n\n| variant | ms (median) | GB/s | x roofline | "
+            "x torch lerp | peak mem above 2 copies |\n|---|---|---|---|---|---|")
+    lines.append(head)
+    print(head)
+    for name, r in rows.items():
+      fmt = lambda x, f: "-" if x is None else format(x, f)
+      mem_s = ("-" if r["peak_mem_above_2_copies"] is None
+               else f"{100 * r['peak_mem_above_2_copies']:.1f}% of a copy")
+      line = (f"| {name} | {r['ms_median']:.2f} | {fmt(r['gb_s'], '.1f')} | "
+              f"{fmt(r['vs_roofline'], '.2f')} | "
+              f"{fmt(r['vs_torch_lerp'], '.2f')} | {mem_s} |")
+      lines.append(line)
+      print(line, flush=True)
+  if args.json:
+    os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"\nwrote {args.json}")
+  if args.markdown:
+    with open(args.markdown, "w") as f:
+      f.write("\n".join(lines) + "\n")
+  return results
+
+
+if __name__ == "__main__":
+  main()
