@@ -151,14 +151,23 @@ def _jax():
 ROOF_PREFIX = "roofline pass:"
 
 
+def flat_pair(tree: str) -> tuple[np.ndarray, np.ndarray]:
+  """Two flat float32 buffers of the tree's size, shared by the numpy and
+  torch roofline passes (torch.from_numpy is a zero-copy view)."""
+  key = (tree, "flat_pair")
+  if key not in _SHARED:
+    n = num_params(tree)
+    _SHARED[key] = tuple(np.random.default_rng(s).standard_normal(
+        n, dtype=np.float32) for s in (0, 1))
+  return _SHARED[key]
+
+
 class Roofline(Variant):
   """One flat buffer, t += o: 2 reads and 1 write per element."""
   name = f"{ROOF_PREFIX} numpy add(t, o, out=t)"
 
   def setup(self, tree):
-    n = num_params(tree)
-    self.t = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
-    self.o = np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    self.t, self.o = flat_pair(tree)
 
   def run(self):
     np.add(self.t, self.o, out=self.t)
@@ -186,11 +195,7 @@ class RooflineTorch(Variant):
 
   def setup(self, tree):
     import torch
-    n = num_params(tree)
-    self.t = torch.from_numpy(np.random.default_rng(0).standard_normal(
-        n, dtype=np.float32))
-    self.o = torch.from_numpy(np.random.default_rng(1).standard_normal(
-        n, dtype=np.float32))
+    self.t, self.o = (torch.from_numpy(x) for x in flat_pair(tree))
 
   def run(self):
     self.t.add_(self.o)
@@ -408,6 +413,17 @@ def torch_available() -> bool:
     return False
 
 
+# Only informative for many small leaves (and a memory burden for ViT-L).
+SMALL_TREE_ONLY = ("FlatInStep", "DispatchFloor", "RooflineXla",
+                   "EagerTreeMap")
+
+
+def variants_for(tree: str) -> list[type[Variant]]:
+  if num_params(tree) > 100e6:
+    return [c for c in all_variants() if c.__name__ not in SMALL_TREE_ONLY]
+  return all_variants()
+
+
 def all_variants() -> list[type[Variant]]:
   out = [Roofline, RooflineXla, JepaWrapper, JepaBound, JepaInStep, FlatInStep,
          JitTreeMapDonate, JitTreeMapNoDonate, OptaxIncremental, EagerTreeMap,
@@ -517,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for t in trees:
     if t not in VITS and t != "small1000":
       p.error(f"unknown tree {t!r}")
-  repeats = args.repeats or (10 if args.quick else 30)
+  repeats = args.repeats or (7 if args.quick else 25)
   jax, _ = _jax()
   meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
           "python": platform.python_version(), "jax": jax.__version__,
@@ -528,20 +544,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   lines = []
   for tree in trees:
     n = num_params(tree)
-    variants = [c() for c in all_variants()]
-    budget = 20 if args.quick else 120
+    variants = [c() for c in variants_for(tree)]
+    budget = 8 if args.quick else 90
     times = time_interleaved(tree, variants, repeats, budget)
     del variants  # free the buffers before the memory subprocesses
     _SHARED.clear()
     gc.collect()
-    variants = [c() for c in all_variants()]
+    variants = [c() for c in variants_for(tree)]
     med = {k: statistics.median(v) for k, v in times.items()}
     # The roofline: the best flat 2-read-1-write pass measured in this run.
     roof = min(t for k, t in med.items() if k.startswith(ROOF_PREFIX))
     torch_ref = med.get(TorchLerp.name)
     rows = {}
-    mem_iter = tqdm([v for v in variants if not args.no_memory
-                     and not isinstance(v, DispatchFloor)],
+    mem_variants = [v for v in variants if not args.no_memory
+                    and not isinstance(v, DispatchFloor)]
+    if args.quick:  # a fresh process per variant costs ~8 s: the key pair
+      mem_variants = [] if tree == "small1000" else [
+          v for v in mem_variants
+                      if isinstance(v, (JepaWrapper, JitTreeMapNoDonate))
+                      and type(v) in (JepaWrapper, JitTreeMapNoDonate)]
+    mem_iter = tqdm(mem_variants,
                     desc=f"memory {tree}", leave=False, disable=args.quick)
     mem = {v.name: memory_of(tree, v.name) for v in mem_iter}
     for v in variants:
