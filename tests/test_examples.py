@@ -150,3 +150,19 @@ def test_recipe(name, capsys):
   result = load(name)["main"]()  # each recipe asserts its own result
   assert capsys.readouterr().out.strip()
   assert result
+
+
+def test_target_masks_are_blocks_with_context_left():
+  import jax
+  import jax.numpy as jnp
+  demo = load("ijepa_digits.py")
+  one = np.asarray(demo["sample_target_masks"](jax.random.key(0), 512, 1))
+  counts = one.sum(1)
+  assert one.shape == (512, 16) and counts.min() >= 4 and counts.max() <= 9
+  assert set(np.unique(counts)) <= {4, 6, 9}  # h x w with h, w in {2, 3}
+  grid = one.reshape(-1, 4, 4)
+  rows, cols = grid.any(2).sum(1), grid.any(1).sum(1)
+  np.testing.assert_array_equal(rows * cols, counts)  # a filled rectangle
+  many = np.asarray(demo["sample_target_masks"](jax.random.key(1), 512, 6))
+  assert many.sum(1).max() <= 15  # at least one context token
+  assert (many.sum(1) > counts).mean() > 0.5  # unions grow

@@ -1,0 +1,38 @@
+"""The benchmark's trees are the real ViT shapes, and its timing loop runs
+(a smoke test: no speed is asserted here; see benchmarks/README.md)."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ema_bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+  spec = importlib.util.spec_from_file_location("ema_bench", PATH)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.parametrize("tree,width,depth", [("vit_s16", 384, 12),
+                                              ("vit_b16", 768, 12),
+                                              ("vit_l16", 1024, 24)])
+def test_vit_parameter_counts(bench, tree, width, depth):
+  # Closed form of a ViT/16 at 224 px without a head: patch embedding,
+  # cls + 197 positions, final norm, and per block 12 w^2 + 13 w.
+  expected = (768 * width + width) + width + 197 * width + 2 * width + depth * (
+      12 * width * width + 13 * width)
+  assert bench.num_params(tree) == expected
+  assert len(bench.tree_shapes(tree)) == 6 + 12 * depth
+
+
+@pytest.mark.standard_promotion
+def test_timing_loop_smoke(bench):
+  variants = [bench.Roofline(), bench.JepaBound(), bench.JepaWrapper()]
+  times = bench.time_interleaved("small1000", variants, repeats=3,
+                                 budget_s=5)
+  assert set(times) == {v.name for v in variants}
+  assert all(len(v) == 3 and min(v) > 0 for v in times.values())
