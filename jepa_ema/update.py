@@ -319,6 +319,9 @@ def make_ema_update(momentum: _schedules.MomentumLike, *,
   jitted = jax.jit(functools.partial(_bound_update, schedule),
                    donate_argnums=(0,) if donate else ())
   check_next = [True]
+  # jax.jit's compilation-cache size (private API; without it, only the first
+  # call is checked).
+  cache_size = getattr(jitted, "_cache_size", lambda: 0)
 
   @functools.wraps(jitted)
   def ema_update_fn(target: PyTree, online: PyTree,
@@ -328,12 +331,12 @@ def make_ema_update(momentum: _schedules.MomentumLike, *,
     # new compilation, never per step.
     if check_next[0]:
       _check_shardings(target, online)
-    before = jitted._cache_size()  # pylint: disable=protected-access
+    before = cache_size()
     out = jitted(target, online, step)
-    check_next[0] = jitted._cache_size() != before  # pylint: disable=protected-access
+    check_next[0] = cache_size() != before
     return out
 
-  ema_update_fn._cache_size = jitted._cache_size  # pylint: disable=protected-access
+  ema_update_fn._cache_size = cache_size  # pylint: disable=protected-access
   ema_update_fn.lower = jitted.lower
   return ema_update_fn
 
