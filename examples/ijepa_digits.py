@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                seed=args.seed, warmup=min(100, max(steps // 10, 1)),
                target_blocks=args.target_blocks,
                curve_every=max(min(25, steps // 6), 1),
-               # --quick: 2 + 1 blocks instead of 3 + 2 (compiles ~2x faster)
+               # --quick: 2 + 1 blocks instead of 3 + 2 (compiles faster)
                depth=2 if args.quick else 3,
                pred_depth=1 if args.quick else 2)
   cfg.schedule()  # validate --momentum early
