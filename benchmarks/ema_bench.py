@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for t in trees:
     if t not in VITS and t != "small1000":
       p.error(f"unknown tree {t!r}")
-  repeats = args.repeats or (7 if args.quick else 25)
+  repeats = args.repeats or (5 if args.quick else 25)
   jax, _ = _jax()
   meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
           "python": platform.python_version(), "jax": jax.__version__,
