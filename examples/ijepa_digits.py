@@ -430,28 +430,27 @@ def train_run(name: str, cfg: Config, momentum: str, data: dict,
              disable=not progress, file=sys.stdout, mininterval=0.5,
              dynamic_ncols=True)
   t0 = time.time()
+  def with_emb_std(state: TrainState, index: int) -> TrainState:
+    """Records the target's embedding std at curve position ``index``."""
+    z = np.asarray(embed(state.ema.target, curve_x))
+    curves = dict(state.curves)
+    curves["emb_std"] = curves["emb_std"].at[index].set(embedding_std(z))
+    return state._replace(curves=curves)
+
   for step in range(start, cfg.steps):
     if step % cfg.curve_every == 0:
-      z = np.asarray(embed(state.ema.target, curve_x))
-      curves = dict(state.curves)
-      curves["emb_std"] = curves["emb_std"].at[step // cfg.curve_every].set(
-          embedding_std(z))
-      state = state._replace(curves=curves)
-    m = float(schedule(step))
+      state = with_emb_std(state, step // cfg.curve_every)
     state, loss = train_step(state)
     if step % 25 == 0 or step == cfg.steps - 1:
-      bar.set_postfix(loss=f"{float(loss):.4f}", momentum=f"{m:.4f}",
-                      refresh=False)
+      bar.set_postfix(loss=f"{float(loss):.4f}",
+                      momentum=f"{float(schedule(step)):.4f}", refresh=False)
     bar.update(1)
     if checkpointer is not None and step + 1 < cfg.steps:
       checkpointer.maybe_save(state)  # the last step is saved with its curves
     if step_delay:
       time.sleep(step_delay)
   bar.close()
-  z = np.asarray(embed(state.ema.target, curve_x))
-  curves = dict(state.curves)
-  curves["emb_std"] = curves["emb_std"].at[-1].set(embedding_std(z))
-  state = state._replace(curves=curves)
+  state = with_emb_std(state, -1)
   if checkpointer is not None:
     checkpointer.maybe_save(state, final=True)
     checkpointer.close()

@@ -13,8 +13,8 @@ Numerics, for every floating-point leaf (``a = 1 - m``)::
     a <= 1/2  ->  (t + a * (o - t)).astype(target.dtype)
     a >  1/2  ->  (o + m * (t - o)).astype(target.dtype)
 
-computed in float32, or in the target's dtype if that is wider, (so a bfloat16 target is
-blended in float32 and rounded once). This two-sided lerp is exact where target and
+computed in float32, or in the target's dtype if that is wider (so a bfloat16
+target is blended in float32 and rounded once). This two-sided lerp is exact where target and
 online agree (a converged target does not drift by rounding) and, since the
 rounded step of weight <= 1/2 cannot overshoot, every output lies between
 target and online, which plain ``m * t + (1 - m) * o`` does not guarantee in
