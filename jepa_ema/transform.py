@@ -10,7 +10,7 @@ generator of momenta, as in the I-JEPA / V-JEPA reference code).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -37,11 +37,19 @@ class EmaState(NamedTuple):
       leaves in the ``dtype`` the transformation was built with).
     skipped: int32 scalar, how many updates were skipped because the params
       held NaN/Inf (only with ``skip_nonfinite=True``; otherwise stays 0).
+    drift: with ``drift=True``, ``{"global": x, "per_module": {name: x}}``:
+      float32 scalars ``||target - params|| / ||params||`` after the last
+      update, over all floating leaves and per top-level entry of the
+      params tree. ``None`` otherwise.
+    key: with ``rounding="stochastic"``, the uint32 PRNG key data the
+      rounding noise is derived from (with the step). ``None`` otherwise.
   """
 
   step: jax.Array
   target: PyTree
   skipped: jax.Array
+  drift: Any = None
+  key: Any = None
 
 
 class EmaTransformation(NamedTuple):
@@ -123,8 +131,84 @@ def _all_finite(tree: PyTree) -> jax.Array:
   return jnp.stack(finite).all()
 
 
-def ema(momentum: _schedules.MomentumLike, *, dtype: Any = None,
-        skip_nonfinite: bool = False) -> EmaTransformation:
+def _check_every(every: Any) -> int:
+  if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
+    raise TypeError(f"`every` must be a positive int, got {every!r}.")
+  if every < 1:
+    raise ValueError(f"`every` must be >= 1 (update the target on every "
+                     f"`every`-th step), got {every}.")
+  return int(every)
+
+
+def _check_rounding(rounding: Any, dtype: Any) -> str:
+  if rounding not in ("nearest", "stochastic"):
+    raise ValueError(f"`rounding` must be 'nearest' or 'stochastic', got "
+                     f"{rounding!r}.")
+  if rounding == "stochastic" and dtype is not None and dtype != jnp.bfloat16:
+    raise ValueError(
+        f"rounding='stochastic' rounds float32 results to a bfloat16 target; "
+        f"it needs dtype=jnp.bfloat16 (or dtype=None with bfloat16 params), "
+        f"got dtype={dtype}.")
+  return rounding
+
+
+def _check_key(key: Any) -> tuple[jax.Array, Any]:
+  """``(uint32 key data, impl)`` of an int seed or a PRNG key."""
+  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
+    key = jax.random.key(int(key))
+  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype,
+                                                   jax.dtypes.prng_key):
+    if key.shape:
+      raise ValueError(f"`key` must be a single PRNG key, got shape "
+                       f"{key.shape}.")
+    return jax.random.key_data(key), jax.random.key_impl(key)
+  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32:
+    return jnp.asarray(key), None  # raw (legacy jax.random.PRNGKey) key data
+  raise TypeError(f"`key` must be an int seed or a jax.random.key, got "
+                  f"{key!r}.")
+
+
+def _window_momentum(schedule: _schedules.Schedule, step: jax.Array,
+                     every: int) -> jax.Array:
+  """``prod(schedule(s))`` over the ``every`` steps that end at ``step``.
+
+  Computed as ``exp(sum(log1p(-(1 - m_s))))``: ``1 - m_s`` is exact in float32
+  for ``m_s >= 1/2`` and log1p keeps the small step sizes accurate, so the
+  effective momentum is within one float32 rounding of the exact product.
+  """
+  if every == 1:
+    return _update._resolve_momentum(schedule, step)
+  steps = step - (every - 1) + jnp.arange(every, dtype=jnp.int32)
+  ms = jnp.asarray(jax.vmap(schedule)(steps))
+  if ms.shape != (every,):
+    raise ValueError(f"the schedule {schedule!r} must return a scalar per "
+                     f"step, got shape {ms.shape[1:]}.")
+  ms = ms.astype(jnp.float32)
+  if not isinstance(ms, jax.core.Tracer):
+    bad = np.asarray(ms)
+    if not np.all((bad >= 0) & (bad <= 1)):
+      raise ValueError(f"the schedule {schedule!r} returned momenta {bad} for "
+                       f"steps {np.asarray(steps)}; a momentum must lie in "
+                       "[0, 1].")
+  return jnp.exp(jnp.sum(jnp.log1p(-(1.0 - ms)))).astype(jnp.float32)
+
+
+def _round_seeds(key: jax.Array, impl: Any, step: jax.Array,
+                 n: int) -> jax.Array:
+  """n uint32 seeds, a pure function of (key, step): one per target leaf."""
+  return jax.random.bits(jax.random.fold_in(_wrap(key, impl), step), (n,),
+                         jnp.uint32)
+
+
+def _zero_drift(params: PyTree) -> dict[str, Any]:
+  return jax.tree.map(lambda x: jnp.zeros([], jnp.float32),
+                      _update._relative_distance(params, params))
+
+
+def ema(momentum: _schedules.MomentumLike
+        | Sequence[_schedules.MomentumLike], *, dtype: Any = None,
+        skip_nonfinite: bool = False, every: int = 1, drift: bool = False,
+        rounding: str = "nearest", key: Any = 0) -> EmaTransformation:
   """A stateful EMA of parameters: ``init(params)``, ``update(params, state)``.
 
   ``init`` copies the params (an EMA of weights starts at the weights, never
@@ -135,27 +219,68 @@ def ema(momentum: _schedules.MomentumLike, *, dtype: Any = None,
   (``jax.jit(train_step, donate_argnums=0)``) so the target is updated in
   place.
 
+  The options ``every``, several momenta, ``drift`` and ``rounding`` are off
+  by default and combine freely; each is exact about what it computes:
+
+  * ``every=k`` updates the target only on every k-th step (steps k-1,
+    2k-1, ... counted from 0), with the **product** of the schedule's momenta
+    over the k steps of the window, ``m_eff = m(s-k+1) * ... * m(s)``, so the
+    averaging horizon is that of the per-step EMA (skipping steps with the
+    per-step momentum, as ema-pytorch's ``update_every`` does, shortens it
+    k-fold). The approximation: the params of the k-1 steps in between are
+    not seen (the result is exact when they do not change). Under ``jit`` the
+    choice is a ``lax.cond`` on the stored step: no recompilation, and the
+    other steps only increment the step.
+  * ``momentum=(m1, m2, ...)`` keeps one target per momentum (schedule),
+    all updated in one computation that reads the params once where the
+    compiler fuses sibling loops (XLA on GPU/TPU; on CPU only with
+    ``XLA_FLAGS=--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true``).
+    The state is then a tuple of :class:`EmaState`, one per momentum; pick
+    one with ``get_target(state, i)``.
+  * ``drift=True`` stores ``||target - params|| / ||params||`` (after the
+    update; global and per top-level entry of the params) in
+    ``state.drift``, computed in the same jitted computation as the update.
+    Small: the target follows closely; near 1 or growing: it lags or the
+    online encoder is moving fast. On non-update steps of ``every=k`` it
+    keeps the last value.
+  * ``rounding="stochastic"`` (with a bfloat16 target: ``dtype=jnp.bfloat16``
+    or bfloat16 params) blends in float32 and rounds each result up or down
+    at random with the probability that makes it exact in expectation, so a
+    momentum of 0.999 does not stagnate the way round-to-nearest does. The
+    noise is a pure function of ``key`` (stored in the state), the step and
+    the element position: runs are reproducible and independent of the
+    sharding.
+
   Args:
     momentum: a schedule (any callable ``step -> momentum``, optax schedules
-      included) or a number in ``[0, 1]``.
+      included) or a number in ``[0, 1]``; or a tuple/list of them for
+      several targets.
     dtype: if given, the floating leaves of the target are stored in this
       floating dtype, e.g. ``jnp.float32`` for bfloat16 params: bfloat16 has
       8 mantissa bits, so with ``m = 0.999`` an increment ``(1 - m)(o - t)``
-      is usually below half an ulp of ``t`` and a bfloat16 target stagnates.
+      is usually below half an ulp of ``t`` and a bfloat16 target stagnates
+      (unless ``rounding="stochastic"``).
     skip_nonfinite: if True, a step whose params hold a NaN or Inf in any
       floating leaf leaves the target unchanged (bitwise) and increments
       ``state.skipped``. The step counter still advances, so the schedule
       stays aligned with the training step. The check is one extra read of
       the params (a reduction that must finish before the update).
+    every: update the target on every ``every``-th step only, with the
+      product of the momenta of the skipped steps (default 1: every step).
+    drift: keep ``||target - params|| / ||params||`` in ``state.drift``.
+    rounding: ``"nearest"`` (default) or ``"stochastic"`` (bfloat16 targets).
+    key: the seed (int) or ``jax.random.key`` of the stochastic rounding.
 
   Returns:
     An :class:`EmaTransformation` ``(init, update)``.
 
   Raises:
-    ValueError: if a number ``momentum`` is outside ``[0, 1]`` or ``dtype`` is
-      not floating. ``update`` raises ``ValueError`` if the params do not have
-      the structure and shapes of the target.
-    TypeError: for a ``momentum`` that is neither callable nor a number.
+    ValueError: if a number ``momentum`` is outside ``[0, 1]``, ``dtype`` is
+      not floating, ``every < 1``, ``rounding`` is unknown or stochastic
+      without a bfloat16 target. ``update`` raises ``ValueError`` if the
+      params do not have the structure and shapes of the target.
+    TypeError: for a ``momentum`` that is neither callable nor a number, or
+      a non-int ``every``.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -168,46 +293,153 @@ def ema(momentum: _schedules.MomentumLike, *, dtype: Any = None,
     ...   state = update({"w": jnp.ones(2)}, state)
     >>> print(int(state.step), state.target["w"].round(4))  # 1 - 0.9**3
     3 [0.271 0.271]
+
+    Every 4th step with the momentum of 4 steps, two horizons, and drift:
+
+    >>> ema = jepa_ema.ema((0.9, 0.99), every=4, drift=True)
+    >>> states = ema.init(params)
+    >>> for _ in range(8):
+    ...   states = ema.update({"w": jnp.ones(2)}, states)
+    >>> print(jepa_ema.get_target(states, 0)["w"].round(4))  # 1 - 0.9**8
+    [0.5695 0.5695]
+    >>> print(round(float(states[1].drift["global"]), 4))  # 0.99**8
+    0.9227
   """
-  schedule = _schedules.as_schedule(momentum)
-  dtype = _check_dtype(dtype)
-  if not isinstance(skip_nonfinite, bool):
-    raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}.")
+  init_fn, update_lazy = _make_ema(momentum, dtype, skip_nonfinite, every,
+                                   drift, rounding, key)
 
-  def init_fn(params: PyTree) -> EmaState:
-    return EmaState(
-        step=jnp.zeros([], jnp.int32),
-        target=jax.tree.map(lambda x: _copy_leaf(x, dtype), params),
-        skipped=jnp.zeros([], jnp.int32),
-    )
-
-  def update_fn(params: PyTree, state: EmaState) -> EmaState:
-    if not isinstance(state, EmaState):
-      raise TypeError(
-          f"`state` must be the EmaState returned by init, got "
-          f"{type(state).__name__}; the call is update(params, state).")
-    m = _update._resolve_momentum(schedule, state.step)
-    skipped = state.skipped
-    if skip_nonfinite:
-      finite = _all_finite(params)
-      m = jnp.where(finite, m, jnp.float32(1.0))
-      skipped = jnp.where(finite, skipped, _safe_increment(skipped))
-    target = _update.ema_update(state.target, params, state.step, m)
-    return EmaState(step=_safe_increment(state.step), target=target,
-                    skipped=skipped.astype(jnp.int32))
+  def update_fn(params: PyTree, state: EmaState | tuple[EmaState, ...]
+                ) -> EmaState | tuple[EmaState, ...]:
+    return update_lazy(lambda: params, state)
 
   return EmaTransformation(init_fn, update_fn)
 
 
-def track_ema(momentum: _schedules.MomentumLike, *, dtype: Any = None,
-              skip_nonfinite: bool = False) -> optax.GradientTransformation:
+def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
+              drift: Any, rounding: Any, key: Any
+              ) -> tuple[Callable[[PyTree], Any],
+                         Callable[[Callable[[], PyTree], Any], Any]]:
+  """Validates the options; returns ``init`` and ``update_lazy``, the update
+  taking a params thunk (so that track_ema builds ``params + updates`` only
+  inside the every=k branch)."""
+  several = isinstance(momentum, (tuple, list))
+  if several:
+    if not momentum:
+      raise ValueError("`momentum` is an empty sequence; give at least one "
+                       "momentum or schedule.")
+    schedules = tuple(_schedules.as_schedule(m) for m in momentum)
+  else:
+    schedules = (_schedules.as_schedule(momentum),)
+  dtype = _check_dtype(dtype)
+  if not isinstance(skip_nonfinite, bool):
+    raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}.")
+  if not isinstance(drift, bool):
+    raise TypeError(f"`drift` must be a bool, got {drift!r}.")
+  every = _check_every(every)
+  stochastic = _check_rounding(rounding, dtype) == "stochastic"
+  key_data, key_impl = _check_key(key) if stochastic else (None, None)
+
+  def init_fn(params: PyTree) -> EmaState | tuple[EmaState, ...]:
+    states = []
+    for i in range(len(schedules)):
+      target = jax.tree.map(lambda x: _copy_leaf(x, dtype), params)
+      if stochastic and i == 0 and not any(
+          _update._is_float_leaf(x) and jnp.asarray(x).dtype == jnp.bfloat16
+          for x in jax.tree.leaves(target)):
+        raise ValueError(
+            "rounding='stochastic' needs bfloat16 target leaves, but the "
+            "target has none; pass dtype=jnp.bfloat16 (or bfloat16 params).")
+      k = None
+      if stochastic:
+        k = key_data if not several else jax.random.key_data(
+            jax.random.fold_in(_wrap(key_data, key_impl), i))
+      states.append(EmaState(
+          step=jnp.zeros([], jnp.int32), target=target,
+          skipped=jnp.zeros([], jnp.int32),
+          drift=_zero_drift(params) if drift else None,
+          key=None if k is None else jnp.array(k, copy=True)))
+    return tuple(states) if several else states[0]
+
+  def advance(get_params: Callable[[], PyTree],
+              states: tuple[EmaState, ...]) -> tuple[EmaState, ...]:
+    """One real update of every target (params built lazily, in-branch)."""
+    params = get_params()
+    step = states[0].step
+    finite = _all_finite(params) if skip_nonfinite else None
+    out = []
+    for schedule, state in zip(schedules, states):
+      m = _window_momentum(schedule, step, every)
+      skipped = state.skipped
+      if finite is not None:
+        m = jnp.where(finite, m, jnp.float32(1.0))
+        skipped = jnp.where(finite, skipped, _safe_increment(skipped))
+      _update._check_trees(state.target, params)
+      _update._check_shardings(state.target, params)
+      leaves, treedef = jax.tree.flatten(state.target)
+      if stochastic:
+        seeds = _round_seeds(state.key, key_impl, step, len(leaves))
+        seeds = [seeds[j] for j in range(len(leaves))]
+      else:
+        seeds = [None] * len(leaves)
+      target = jax.tree.unflatten(treedef, [
+          _update._blend(t, o, m, s) for t, o, s in
+          zip(leaves, treedef.flatten_up_to(params), seeds)])
+      out.append(state._replace(
+          target=target, skipped=skipped.astype(jnp.int32),
+          drift=(_update._relative_distance(target, params) if drift
+                 else state.drift)))
+    return tuple(out)
+
+  def update_lazy(get_params: Callable[[], PyTree],
+                  state: EmaState | tuple[EmaState, ...]
+                  ) -> EmaState | tuple[EmaState, ...]:
+    states = _as_states(state, len(schedules), several)
+    step = states[0].step
+    if every == 1:
+      states = advance(get_params, states)
+    else:
+      states = jax.lax.cond(step % every == every - 1,
+                            lambda s: advance(get_params, s), lambda s: s,
+                            states)
+    states = tuple(s._replace(step=_safe_increment(step)) for s in states)
+    return states if several else states[0]
+
+  return init_fn, update_lazy
+
+
+def _wrap(key_data: jax.Array, impl: Any) -> jax.Array:
+  return (jax.random.wrap_key_data(key_data, impl=impl) if impl is not None
+          else jax.random.wrap_key_data(key_data))
+
+
+def _as_states(state: Any, n: int, several: bool) -> tuple[EmaState, ...]:
+  states = tuple(state) if several and isinstance(state, (tuple, list)) \
+      and not isinstance(state, EmaState) else (state,)
+  for s in states:
+    if not isinstance(s, EmaState):
+      raise TypeError(
+          f"`state` must be the {'tuple of EmaStates' if several else 'EmaState'}"
+          f" returned by init, got {type(state).__name__}; the call is "
+          "update(params, state).")
+  if len(states) != n:
+    raise ValueError(f"`state` holds {len(states)} EmaStates but this EMA has "
+                     f"{n} momenta.")
+  return states
+
+
+def track_ema(momentum: _schedules.MomentumLike
+              | Sequence[_schedules.MomentumLike], *, dtype: Any = None,
+              skip_nonfinite: bool = False, every: int = 1,
+              drift: bool = False, rounding: str = "nearest",
+              key: Any = 0) -> optax.GradientTransformation:
   """An optax transformation that keeps an EMA of the updated params.
 
   Put it **last** in ``optax.chain(...)``. Its ``update(updates, state,
   params)`` returns ``updates`` unchanged and advances the EMA of the
   post-step parameters ``optax.apply_updates(params, updates)``, which are
   exactly the params your train step is about to hold. Its state is an
-  :class:`EmaState`; read the target with :func:`get_target`.
+  :class:`EmaState` (a tuple of them for several momenta); read the target
+  with :func:`get_target`.
 
   Under ``optax.MultiSteps`` (gradient accumulation) put it inside the
   wrapped chain: MultiSteps keeps the inner state of non-final mini-steps
@@ -215,9 +447,15 @@ def track_ema(momentum: _schedules.MomentumLike, *, dtype: Any = None,
   MultiSteps wrapper it would advance on every mini-step.)
 
   Args:
-    momentum: a schedule or a number in ``[0, 1]`` (see :func:`ema`).
+    momentum: a schedule or a number in ``[0, 1]``, or a tuple of them (see
+      :func:`ema`).
     dtype: optional floating dtype for the target's floating leaves.
     skip_nonfinite: skip EMA steps whose new params hold NaN/Inf.
+    every: update every ``every``-th step with the product momentum; the
+      post-step params are then only computed on those steps.
+    drift: keep ``||target - params|| / ||params||`` in the state.
+    rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 targets).
+    key: the seed or key of the stochastic rounding.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -238,21 +476,19 @@ def track_ema(momentum: _schedules.MomentumLike, *, dtype: Any = None,
     >>> print(params["w"], jepa_ema.get_target(opt_state)["w"].round(4))
     [0.9 0.9] [0.95 0.95]
   """
-  inner = ema(momentum, dtype=dtype, skip_nonfinite=skip_nonfinite)
+  init_fn, update_lazy = _make_ema(momentum, dtype, skip_nonfinite, every,
+                                   drift, rounding, key)
 
-  def init_fn(params: optax.Params) -> EmaState:
-    return inner.init(params)
-
-  def update_fn(updates: optax.Updates, state: EmaState,
+  def update_fn(updates: optax.Updates, state: EmaState | tuple[EmaState, ...],
                 params: optax.Params | None = None
-                ) -> tuple[optax.Updates, EmaState]:
+                ) -> tuple[optax.Updates, EmaState | tuple[EmaState, ...]]:
     if params is None:
       raise ValueError(
           "track_ema needs the current params: call "
           "`tx.update(grads, opt_state, params)` (it keeps an EMA of "
           "`params + updates`).")
-    new_params = optax.apply_updates(params, updates)
-    return updates, inner.update(new_params, state)
+    return updates, update_lazy(
+        lambda: optax.apply_updates(params, updates), state)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -264,22 +500,28 @@ def _find_states(tree: Any) -> list[tuple[str, EmaState]]:
           if is_state(x)]
 
 
-def get_target(opt_state: Any) -> PyTree:
+def get_target(opt_state: Any, index: int | None = None) -> PyTree:
   """Returns the EMA target held anywhere inside a (nested) optax state.
 
   Works on the state of ``optax.chain``, ``optax.MultiSteps``,
   ``optax.inject_hyperparams``, ``optax.multi_transform`` ... and on an
-  :class:`EmaState` itself.
+  :class:`EmaState` itself. An EMA with several momenta
+  (``ema((m1, m2))``) holds a tuple of EmaStates: ``index`` picks one.
 
   Args:
-    opt_state: an optimizer state containing exactly one :class:`EmaState`.
+    opt_state: an optimizer state containing :class:`EmaState` s.
+    index: which EmaState, counted in the order ``jax.tree`` flattens
+      ``opt_state`` (for a several-momenta EMA: the position of the momentum).
+      Required when there is more than one; negative values count from the
+      end.
 
   Returns:
     The target pytree.
 
   Raises:
     ValueError: if there is no :class:`EmaState` in ``opt_state``, or more
-      than one (the message lists their paths; index into the state then).
+      than one and no ``index`` (the message lists their paths), or ``index``
+      is out of range.
 
   Examples:
     >>> import jax.numpy as jnp, optax
@@ -288,6 +530,9 @@ def get_target(opt_state: Any) -> PyTree:
     >>> state = tx.init({"w": jnp.ones(2)})
     >>> print(jepa_ema.get_target(state)["w"])
     [1. 1.]
+    >>> states = jepa_ema.ema((0.99, 0.999)).init({"w": jnp.ones(2)})
+    >>> print(jepa_ema.get_target(states, 1)["w"])
+    [1. 1.]
   """
   found = _find_states(opt_state)
   if not found:
@@ -295,13 +540,20 @@ def get_target(opt_state: Any) -> PyTree:
         f"No EmaState found in the given optimizer state (of type "
         f"{type(opt_state).__name__}). Add `jepa_ema.track_ema(...)` as the "
         "last element of your `optax.chain(...)`.")
-  if len(found) > 1:
-    paths = ", ".join(p for p, _ in found)
+  if index is None:
+    if len(found) > 1:
+      paths = ", ".join(p for p, _ in found)
+      raise ValueError(
+          f"Found {len(found)} EmaStates in the optimizer state, at {paths}; "
+          "pass `index` (get_target(state, i)) to pick one.")
+    return found[0][1].target
+  if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+    raise TypeError(f"`index` must be an int, got {index!r}.")
+  if not -len(found) <= index < len(found):
     raise ValueError(
-        f"Found {len(found)} EmaStates in the optimizer state, at {paths}; "
-        "get_target needs exactly one. Index into the state and pass the one "
-        "you want.")
-  return found[0][1].target
+        f"`index` {index} is out of range: the state holds {len(found)} "
+        f"EmaState(s), at {', '.join(p for p, _ in found)}.")
+  return found[index][1].target
 
 
 def _sharding_of(x: Any) -> Any:
@@ -310,24 +562,33 @@ def _sharding_of(x: Any) -> Any:
   return getattr(x, "sharding", None)
 
 
-def state_shardings(params: PyTree) -> EmaState:
+def state_shardings(params: PyTree, state: Any = None) -> Any:
   """The shardings of the :class:`EmaState` of ``params``.
 
   The target inherits each parameter's sharding (the update is elementwise,
-  so it then needs no communication); ``step`` and ``skipped`` are replicated
-  scalars on the same mesh. Use it as ``out_shardings`` of a jitted ``init``,
-  or to build the abstract state for a sharded checkpoint restore::
+  so it then needs no communication); ``step``, ``skipped`` and the small
+  ``drift`` / ``key`` fields are replicated on the same mesh. Use it as
+  ``out_shardings`` of a jitted ``init``, or to build the abstract state for
+  a sharded checkpoint restore::
 
       shardings = jepa_ema.state_shardings(params)
       state = jax.jit(ema.init, out_shardings=shardings)(params)
+
+  For an EMA built with options (``drift``, ``rounding="stochastic"``,
+  several momenta), pass the state's structure too, e.g.
+  ``state_shardings(params, jax.eval_shape(ema.init, params))``: every
+  :class:`EmaState` in it gets the params' shardings for its target.
 
   Args:
     params: a pytree of arrays, ``jax.ShapeDtypeStruct`` s with shardings, or
       ``jax.sharding.Sharding`` s (e.g. the ``out_shardings`` of your params).
       Leaves without a sharding map to ``None`` (unspecified).
+    state: optional; an EmaState, a tuple of them, or any pytree holding
+      them (arrays or ``ShapeDtypeStruct`` s), whose structure is returned.
 
   Returns:
-    An :class:`EmaState` whose leaves are shardings.
+    An :class:`EmaState` (or ``state``'s structure) whose leaves are
+    shardings.
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -357,4 +618,18 @@ def state_shardings(params: PyTree) -> EmaState:
     scalar = jax.sharding.NamedSharding(
         jax.sharding.Mesh(np.array(devices), ("_replica",)),
         jax.sharding.PartitionSpec())
-  return EmaState(step=scalar, target=target, skipped=scalar)
+  if state is None:
+    return EmaState(step=scalar, target=target, skipped=scalar)
+  if not _find_states(state):
+    raise ValueError(f"state_shardings: `state` holds no EmaState (got "
+                     f"{type(state).__name__}).")
+  is_state = lambda x: isinstance(x, EmaState)
+
+  def one(x: Any) -> Any:
+    if not is_state(x):
+      return scalar
+    return EmaState(step=scalar, target=target, skipped=scalar,
+                    drift=jax.tree.map(lambda _: scalar, x.drift),
+                    key=None if x.key is None else scalar)
+
+  return jax.tree.map(one, state, is_leaf=is_state)

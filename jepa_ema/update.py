@@ -188,8 +188,13 @@ def _resolve_momentum(momentum: Any, step: jax.typing.ArrayLike) -> jax.Array:
   return jnp.asarray(m).astype(jnp.float32)
 
 
-def _blend(t: Any, o: Any, m: jax.Array) -> Any:
-  """EMA of one leaf: float leaves blended in the target's dtype."""
+def _blend(t: Any, o: Any, m: jax.Array, seed: jax.Array | None = None
+           ) -> Any:
+  """EMA of one leaf: float leaves blended in the target's dtype.
+
+  With a ``seed`` (a uint32 scalar), a bfloat16 result is rounded
+  stochastically (:func:`_stochastic_round_bf16`) instead of to nearest.
+  """
   if not _is_float_leaf(t):
     return o
   t = jnp.asarray(t)
@@ -210,7 +215,88 @@ def _blend(t: Any, o: Any, m: jax.Array) -> Any:
   far = jnp.where(near, oc, tc)
   mixed = base + jnp.where(near, a, m) * (far - base)
   mixed = jnp.where(a == 0, tc, jnp.where(a == 1, oc, mixed))
+  if seed is not None and out_dtype == jnp.bfloat16:
+    return _stochastic_round_bf16(mixed, seed)
   return mixed.astype(out_dtype)
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+  """A bijective 32-bit integer hash with full avalanche ("lowbias32")."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x21F0AAAD)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x735A2D97)
+  return x ^ (x >> 15)
+
+
+def _element_index(shape: tuple[int, ...]) -> jax.Array:
+  """uint32 row-major index of every element (mod 2**32), sharding-friendly."""
+  idx = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(len(shape))):
+    idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(
+        stride % 2**32)
+    stride *= shape[d]
+  return idx
+
+
+def _stochastic_round_bf16(x: jax.Array, seed: jax.Array) -> jax.Array:
+  """Rounds float32 ``x`` to bfloat16 up or down, unbiased in expectation.
+
+  bfloat16 is the top half of a float32. Adding 16 uniform random bits to
+  the low half and truncating rounds the magnitude up with probability
+  ``low / 2**16``, exactly the fraction of the bfloat16 gap that ``x`` has
+  crossed, so ``E[round(x)] = x`` (for either sign; values that are already
+  bfloat16 are returned exactly). The noise is a counter-based hash of the
+  element's position and ``seed``: a pure function of the state, identical
+  on any sharding, and ~30x cheaper on CPU than ``jax.random.bits``.
+  """
+  x = x.astype(jnp.float32)
+  noise = _hash32(_element_index(x.shape) ^ seed.astype(jnp.uint32)) >> 16
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  rounded = ((bits + noise) >> 16).astype(jnp.uint16)
+  out = jax.lax.bitcast_convert_type(rounded, jnp.bfloat16)
+  return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), out)
+
+
+def _module_name(path: tuple) -> str:
+  """The name of the top-level entry of a key path ("" at the root)."""
+  if not path:
+    return ""
+  k = path[0]
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return jax.tree_util.keystr((k,))
+
+
+def _relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
+  """``||target - online|| / ||online||`` over all floating leaves and per
+  top-level entry of the tree, in float32: ``{"global": x, "per_module":
+  {name: x}}``. 0/0 counts as 0 and x/0 (x > 0) as inf.
+  """
+  t_leaves, _ = jax.tree_util.tree_flatten_with_path(target)
+  o_leaves = jax.tree.leaves(online)
+  sums: dict[str, list[jax.Array]] = {}
+  for (path, t), o in zip(t_leaves, o_leaves):
+    if not _is_float_leaf(t):
+      continue
+    t32 = jnp.asarray(t).astype(jnp.float32)
+    o32 = jnp.asarray(o).astype(jnp.float32)
+    d, n = jnp.sum(jnp.square(t32 - o32)), jnp.sum(jnp.square(o32))
+    acc = sums.setdefault(_module_name(path), [jnp.float32(0), jnp.float32(0)])
+    acc[0], acc[1] = acc[0] + d, acc[1] + n
+
+  def ratio(d: jax.Array, n: jax.Array) -> jax.Array:
+    safe = jnp.sqrt(d / jnp.where(n > 0, n, 1.0))
+    return jnp.where(n > 0, safe, jnp.where(d > 0, jnp.inf, 0.0)).astype(
+        jnp.float32)
+
+  total_d = sum((d for d, _ in sums.values()), jnp.float32(0))
+  total_n = sum((n for _, n in sums.values()), jnp.float32(0))
+  per_module = ({name: ratio(d, n) for name, (d, n) in sums.items()}
+                if "" not in sums else {})
+  return {"global": ratio(total_d, total_n), "per_module": per_module}
 
 
 def ema_update(target: PyTree, online: PyTree, step: jax.typing.ArrayLike,

@@ -324,6 +324,7 @@ def test_ema_state_round_trip_via_state_dict():
   ema = jepa_ema.ema(0.99)
   state = ema.update({"w": jnp.ones(3)}, ema.init({"w": jnp.zeros(3)}))
   d = flax.serialization.to_state_dict(state)
-  assert set(d) == {"step", "target", "skipped"}
+  assert set(d) == {"step", "target", "skipped", "drift", "key"}
+  assert d["drift"] is None and d["key"] is None  # options off: no leaves
   back = flax.serialization.from_state_dict(ema.init({"w": jnp.zeros(3)}), d)
   chex.assert_trees_all_equal(back, state)
