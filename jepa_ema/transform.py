@@ -397,6 +397,9 @@ def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
     step = states[0].step
     if every == 1:
       states = advance(get_params, states)
+    elif not isinstance(step, jax.core.Tracer):  # eager: a Python branch
+      if int(step) % every == every - 1:
+        states = advance(get_params, states)
     else:
       states = jax.lax.cond(step % every == every - 1,
                             lambda s: advance(get_params, s), lambda s: s,

@@ -62,3 +62,21 @@ def test_mismatch_is_reported(result):
     assert "['bias']" in m and "sharded differently" in m
   assert result["mismatch_collectives"], "a mismatch should need collectives"
   assert result["matched_warnings"] == []
+
+
+OPTIONS = ["every", "several", "drift", "stochastic", "all"]
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_options_keep_shardings_and_single_device_bits(result, name):
+  assert result[f"{name}_state_shardings_match"] is True
+  assert result[f"{name}_keeps"] is True
+  assert result[f"{name}_equals_single_device"] is True
+
+
+@pytest.mark.parametrize("name", OPTIONS)
+def test_options_communicate_only_the_drift_scalars(result, name):
+  # Elementwise updates need no communication; the drift norms are sums over
+  # all devices: scalar all-reduces, nothing model-sized.
+  expected = ["all-reduce"] if name in ("drift", "all") else []
+  assert result[f"{name}_collectives"] == expected

@@ -79,6 +79,55 @@ s_skip = skipper.init(params)
 out["skip_nonfinite_collectives"] = collectives(
     jax.jit(skipper.update).lower(online, s_skip).compile())
 
+# The options of ema(): every=k, several momenta, drift, stochastic bf16.
+bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+bf16_online = jax.tree.map(lambda x: x.astype(jnp.bfloat16), online)
+OPTIONS = {
+    "every": (jepa_ema.ema(jepa_ema.cosine_momentum(total_steps=50),
+                           every=4), params, online),
+    "several": (jepa_ema.ema((0.9, 0.99, 0.999)), params, online),
+    "drift": (jepa_ema.ema(0.9, drift=True), params, online),
+    "stochastic": (jepa_ema.ema(0.999, rounding="stochastic", key=7),
+                   bf16_params, bf16_online),
+    "all": (jepa_ema.ema((0.9, 0.99), every=2, drift=True,
+                         dtype=jnp.bfloat16, rounding="stochastic"),
+            params, online),
+}
+for name, (opt_ema, p0, o0) in OPTIONS.items():
+  s0 = jax.jit(opt_ema.init)(p0)
+  shard = jepa_ema.state_shardings(p0, s0)
+  states = (s0,) if isinstance(s0, jepa_ema.EmaState) else s0
+  out[f"{name}_state_shardings_match"] = all(
+      sh.target[k] == p0[k].sharding
+      for sh in ((shard,) if isinstance(shard, jepa_ema.EmaState) else shard)
+      for k in p0)
+  upd = jax.jit(opt_ema.update, donate_argnums=1)
+  out[f"{name}_collectives"] = collectives(upd.lower(o0, s0).compile())
+  s1 = s0
+  for _ in range(4):
+    s1 = upd(o0, s1)
+  s1s = (s1,) if isinstance(s1, jepa_ema.EmaState) else s1
+  out[f"{name}_keeps"] = all(same(st.target[k], p0[k]) for st in s1s
+                             for k in p0)
+  # The same computation on one device gives the same bits (the rounding
+  # noise depends on the element position, not on the layout).
+  one = jax.devices()[0]
+  p1 = jax.device_put(jax.device_get(p0), one)
+  o1 = jax.device_put(jax.device_get(o0), one)
+  r = jax.jit(opt_ema.init)(p1)
+  for _ in range(4):
+    r = jax.jit(opt_ema.update)(o1, r)
+  # (drift: float sums, reduced in another order: equal to rounding)
+  no_drift = lambda t: jax.tree.map(lambda st: st._replace(drift=None), t,
+                                    is_leaf=lambda x: isinstance(
+                                        x, jepa_ema.EmaState))
+  out[f"{name}_equals_single_device"] = all(
+      bool(jnp.array_equal(jax.device_get(a), jax.device_get(b)))
+      for a, b in zip(jax.tree.leaves(no_drift(s1)),
+                      jax.tree.leaves(no_drift(r)))) and all(
+      bool(jnp.allclose(jax.device_get(a), jax.device_get(b), rtol=1e-5))
+      for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(r)))
+
 # track_ema in an optax chain, whole train step.
 tx = optax.chain(optax.adam(1e-3), jepa_ema.track_ema(0.99))
 opt_state = tx.init(params)
