@@ -226,8 +226,9 @@ def ema(momentum: _schedules.MomentumLike
     2k-1, ... counted from 0), with the **product** of the schedule's momenta
     over the k steps of the window, ``m_eff = m(s-k+1) * ... * m(s)``, so the
     averaging horizon is that of the per-step EMA (skipping steps with the
-    per-step momentum, as ema-pytorch's ``update_every`` does, shortens it
-    k-fold). The approximation: the params of the k-1 steps in between are
+    per-step momentum, as ema-pytorch's ``update_every`` does, stretches it
+    k-fold in steps: the target lags k times further behind). The
+    approximation: the params of the k-1 steps in between are
     not seen (the result is exact when they do not change). Under ``jit`` the
     choice is a ``lax.cond`` on the stored step: no recompilation, and the
     other steps only increment the step.

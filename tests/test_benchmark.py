@@ -36,3 +36,22 @@ def test_timing_loop_smoke(bench):
                                  budget_s=5)
   assert set(times) == {v.name for v in variants}
   assert all(len(v) == 3 and min(v) > 0 for v in times.values())
+
+
+@pytest.fixture(scope="module")
+def options_bench():
+  path = PATH.parent / "options_bench.py"
+  spec = importlib.util.spec_from_file_location("options_bench", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.standard_promotion  # optax internals promote implicitly
+def test_options_bench_accuracy_parts_run(options_bench):
+  every = options_bench.every_accuracy(64, ks=(2, 4))["relative_to_lag"]
+  assert set(every) == {"every=2", "every=4", "skip k=2", "skip k=4"}
+  for k in (2, 4):  # the product momentum tracks the per-step EMA better
+    assert every[f"every={k}"]["final"] < every[f"skip k={k}"]["final"]
+  stag = options_bench.stagnation(256, steps=100, m=0.99)
+  assert abs(stag["float32 target mean"] - (1 - 0.99 ** 100)) < 1e-4

@@ -32,6 +32,20 @@ def test_readme_quickstart_runs_and_tracks():
   assert not np.allclose(target["kernel"], params["kernel"])
 
 
+def test_readme_options_block_runs():
+  text = (ROOT / "README.md").read_text()
+  block = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+           if "every=4, drift=True" in b][0]
+  ns: dict = {}
+  exec(compile(block, "README.md", "exec"), ns)  # pylint: disable=exec-used
+  state, state16 = ns["state"], ns["state16"]
+  assert int(state.step) == 8
+  # after 8 steps of p <- 0.99 p, two every=4 updates: the target lags
+  assert 0.0 < float(state.drift["global"]) < 0.1
+  assert state16.target["encoder"]["w"].dtype == jax.numpy.bfloat16
+  assert ns["teacher"]["encoder"]["w"].shape == (8, 8)
+
+
 @pytest.mark.standard_promotion
 def test_quickstart_example(capsys):
   sys.path.insert(0, str(ROOT / "examples"))

@@ -48,6 +48,15 @@ def test_demo_quick_trains_and_writes_outputs(demo_result):
   # With momentum 0.996 the target lags the online encoder; at 0 it is a copy.
   assert ema["target_online_rel_dist"] > 1e-3
   assert no_ema["target_online_rel_dist"] == 0.0
+  # The drift logged by ema(drift=True) on every step: finite, positive with
+  # a lagging target, per top-level module of the encoder.
+  drift = np.asarray(ema["curves"]["drift"])
+  # (step 0 has learning rate 0 in the warm-up: online == target there)
+  assert drift.shape == (steps,) and np.all(drift[1:] > 0) and np.all(drift < 1)
+  assert drift[-1] == np.float32(ema["target_online_rel_dist"])
+  np.testing.assert_array_equal(no_ema["curves"]["drift"], 0.0)
+  per = ema["target_online_rel_dist_per_module"]
+  assert len(per) >= 3 and all(v > 0 for v in per.values())
   np.testing.assert_allclose(ema["curves"]["momentum"], 0.996, rtol=1e-6)
   np.testing.assert_array_equal(no_ema["curves"]["momentum"], 0.0)
   table = res["table"]

@@ -1,0 +1,339 @@
+"""The options of ``jepa_ema.ema``, measured side by side in one run.
+
+Speed (one ViT/16-shaped float32 tree, every variant interleaved round by
+round; ``ema(...).jit()``, state donated, as a user calls it):
+
+* ``every=4``: the mean cost per training step over 4 steps, and the cost of
+  a step that does not update (``lax.cond`` on the stored step);
+* several momenta: ``ema((m1, m2, m3))`` in one call against three separate
+  ``ema(m).jit()`` calls (memory traffic 4 + 8n = 28 against 12n = 36 bytes
+  per parameter, if the compiler reads the params once). Run twice, in child
+  processes: with XLA's default CPU flags and with
+  ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true``;
+* ``drift=True``: against the plain update, and against the plain update
+  followed by a separate jitted pass that computes the same norms;
+* bfloat16 targets: float32 target of bfloat16 params (``dtype=float32``),
+  bfloat16 target rounded to nearest, bfloat16 target rounded stochastically.
+
+Accuracy:
+
+* ``every=k`` on a real optimisation trajectory (an MLP trained with AdamW on
+  scikit-learn's digits): the distance of the ``every=k`` target and of the
+  plain-skip target (ema-pytorch's ``update_every``: the per-step momentum on
+  every k-th step) from the per-step target, relative to the per-step
+  target's own lag behind the online params, for k = 2, 4, 8;
+* bfloat16 stagnation: 2000 steps at m = 0.999 from 0 toward 1 (closed form
+  1 - 0.999**2000 = 0.8648): float32, bfloat16 nearest, bfloat16 stochastic.
+
+Usage::
+
+  python benchmarks/options_bench.py --quick   # ViT-S/16, fewer rounds (~1 min)
+  python benchmarks/options_bench.py           # ViT-B/16 (~5 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ema_bench  # noqa: E402  (the tree shapes and roofline pass)
+
+MOF_FLAG = "--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true"
+MOMENTA = (0.99, 0.996, 0.999)
+
+
+def _jax():
+  import jax
+  import jax.numpy as jnp
+  import jepa_ema
+  return jax, jnp, jepa_ema
+
+
+# ------------------------------------------------------------------- speed
+
+def speed_variants(tree: str, section: str) -> dict[str, Callable[[], None]]:
+  """name -> run() (one call, synchronous). Each holds its own buffers."""
+  jax, jnp, jepa_ema = _jax()
+  online = ema_bench.jax_tree(tree, 1)
+  out: dict[str, Callable[[], None]] = {}
+
+  def stateful(name: str, ema: Any, params: Any, reset_step: int | None = None,
+               calls: int = 1) -> None:
+    update = ema.jit()
+    box = [ema.init(ema_bench.jax_tree(tree, 0, params[next(iter(params))]
+                                       .dtype))]
+
+    def run() -> None:
+      state = box[0]
+      if reset_step is not None:  # pin the step: always a non-update step
+        state = state._replace(step=jnp.asarray(reset_step, jnp.int32))
+      for _ in range(calls):
+        state = update(params, state)
+      jax.block_until_ready(state)
+      box[0] = state
+
+    run.calls = calls
+    out[name] = run
+
+  plain = jepa_ema.ema(MOMENTA[1])
+  stateful("plain update", plain, online)
+  if section == "several":
+    three = [jepa_ema.ema(m) for m in MOMENTA]
+    updates = [e.jit() for e in three]
+    boxes = [e.init(ema_bench.jax_tree(tree, i)) for i, e in enumerate(three)]
+
+    def separate() -> None:
+      for i, u in enumerate(updates):
+        boxes[i] = u(online, boxes[i])
+      jax.block_until_ready(boxes)
+
+    separate.calls = 1
+    out["3 separate EMAs"] = separate
+    stateful("ema((m1, m2, m3)), one call", jepa_ema.ema(MOMENTA), online)
+    return out
+  stateful("every=4, mean per step", jepa_ema.ema(MOMENTA[1], every=4),
+           online, calls=4)
+  stateful("every=4, a non-update step", jepa_ema.ema(MOMENTA[1], every=4),
+           online, reset_step=0)
+  floor = jax.jit(lambda params, state: state, donate_argnums=1)
+  fbox = [plain.init(ema_bench.jax_tree(tree, 3))]
+
+  def dispatch_floor() -> None:  # what any jitted call of (params, state) costs
+    fbox[0] = floor(online, fbox[0])
+    jax.block_until_ready(fbox[0])
+
+  dispatch_floor.calls = 1
+  out["dispatch floor: jit returning the state"] = dispatch_floor
+  stateful("drift=True", jepa_ema.ema(MOMENTA[1], drift=True), online)
+
+  from jepa_ema import update as _update
+  norms = jax.jit(_update._relative_distance)
+  plain_update = plain.jit()
+  box = [plain.init(ema_bench.jax_tree(tree, 2))]
+
+  def plain_then_pass() -> None:
+    box[0] = plain_update(online, box[0])
+    jax.block_until_ready((box[0], norms(box[0].target, online)))
+
+  plain_then_pass.calls = 1
+  out["plain + separate drift pass"] = plain_then_pass
+
+  bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), online)
+  stateful("bf16 params, f32 target", jepa_ema.ema(0.999, dtype=jnp.float32),
+           bf16)
+  stateful("bf16 target, nearest", jepa_ema.ema(0.999), bf16)
+  stateful("bf16 target, stochastic",
+           jepa_ema.ema(0.999, rounding="stochastic"), bf16)
+  return out
+
+
+def time_rounds(variants: dict[str, Callable[[], None]], rounds: int
+                ) -> dict[str, float]:
+  """Median ms per step of each variant, interleaved round by round."""
+  for run in variants.values():
+    run()
+    run()
+  times: dict[str, list[float]] = {k: [] for k in variants}
+  for _ in range(rounds):
+    for name, run in variants.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append((time.perf_counter() - t0) * 1e3 / run.calls)
+  return {k: statistics.median(v) for k, v in times.items()}
+
+
+def speed_child(tree: str, section: str, rounds: int) -> None:
+  ms = time_rounds(speed_variants(tree, section), rounds)
+  print("RESULT " + json.dumps(ms))
+
+
+def speed(tree: str, section: str, rounds: int, mof: bool) -> dict[str, float]:
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "")
+  env["XLA_FLAGS"] = (flags + " " + MOF_FLAG).strip() if mof else flags
+  proc = subprocess.run(
+      [sys.executable, __file__, "--child", tree, section, str(rounds)],
+      env=env, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    raise RuntimeError(proc.stderr[-3000:])
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+# ---------------------------------------------------------------- accuracy
+
+def every_accuracy(steps: int, momentum: float = 0.996,
+                   ks: tuple[int, ...] = (2, 4, 8)) -> dict[str, Any]:
+  """every=k and plain skipping against the per-step EMA on a real run."""
+  jax, jnp, jepa_ema = _jax()
+  import optax
+  from sklearn.datasets import load_digits
+  x, y = load_digits(return_X_y=True)
+  x = jnp.asarray(x / 16.0, jnp.float32)
+  y = jnp.asarray(y)
+  sizes = (64, 256, 256, 10)
+  keys = jax.random.split(jax.random.key(0), len(sizes))
+  params = {f"dense{i}": {
+      "w": jax.random.normal(keys[i], (a, b)) * (2 / a) ** 0.5,
+      "b": jnp.zeros(b)} for i, (a, b) in enumerate(zip(sizes, sizes[1:]))}
+
+  def loss_fn(p, xb, yb):
+    h = xb
+    for i in range(len(sizes) - 1):
+      h = h @ p[f"dense{i}"]["w"] + p[f"dense{i}"]["b"]
+      h = jax.nn.relu(h) if i < len(sizes) - 2 else h
+    return optax.softmax_cross_entropy_with_integer_labels(h, yb).mean()
+
+  tx = optax.adamw(1e-3)
+  per_step = jepa_ema.ema(momentum)
+  exact = {k: jepa_ema.ema(momentum, every=k) for k in ks}
+
+  def skip_update(t, p, step, k):  # ema-pytorch's update_every
+    return jax.lax.cond(step % k == k - 1,
+                        lambda: jepa_ema.ema_update(t, p, step, momentum),
+                        lambda: t)
+
+  def norm(tree):
+    return jnp.sqrt(sum(jnp.sum(jnp.square(a))
+                        for a in jax.tree.leaves(tree)))
+
+  def dist(a, b):
+    return norm(jax.tree.map(jnp.subtract, a, b))
+
+  @jax.jit
+  def step_fn(carry, i):
+    p, opt, ref, ex, sk = carry
+    idx = jax.random.randint(jax.random.fold_in(jax.random.key(1), i), (64,),
+                             0, x.shape[0])
+    grads = jax.grad(loss_fn)(p, x[idx], y[idx])
+    upd, opt = tx.update(grads, opt, p)
+    p = optax.apply_updates(p, upd)
+    ref = per_step.update(p, ref)
+    ex = {k: exact[k].update(p, ex[k]) for k in ks}
+    sk = {k: skip_update(sk[k], p, i, k) for k in ks}
+    lag = dist(ref.target, p)
+    rel = {f"every={k}": dist(ex[k].target, ref.target) / lag for k in ks}
+    rel.update({f"skip k={k}": dist(sk[k], ref.target) / lag for k in ks})
+    return (p, opt, ref, ex, sk), rel
+
+  carry = (params, tx.init(params), per_step.init(params),
+           {k: exact[k].init(params) for k in ks},
+           {k: jax.tree.map(jnp.copy, params) for k in ks})
+  _, rel = jax.lax.scan(step_fn, carry, jnp.arange(steps))
+  half = steps // 2
+  # Compare at steps where every window just ended (multiples of max(ks)).
+  ends = np.arange(max(ks) - 1, steps, max(ks))
+  ends = ends[ends >= half]
+  return {"steps": steps, "momentum": momentum,
+          "relative_to_lag": {k: {"mean_2nd_half": float(np.mean(
+              np.asarray(v)[ends])), "final": float(np.asarray(v)[ends[-1]])}
+              for k, v in rel.items()}}
+
+
+def stagnation(n: int, steps: int = 2000, m: float = 0.999
+               ) -> dict[str, float]:
+  jax, jnp, jepa_ema = _jax()
+  ones = jnp.ones(n)
+  out = {"closed form 1 - m^steps": 1 - m ** steps}
+  for name, ema in [("float32 target", jepa_ema.ema(m)),
+                    ("bf16 nearest", jepa_ema.ema(m, dtype=jnp.bfloat16)),
+                    ("bf16 stochastic", jepa_ema.ema(
+                        m, dtype=jnp.bfloat16, rounding="stochastic"))]:
+    state = jax.jit(lambda s, ema=ema: jax.lax.fori_loop(
+        0, steps, lambda _, s: ema.update(ones, s), s))(ema.init(jnp.zeros(n)))
+    t = np.asarray(state.target.astype(jnp.float32))
+    out[f"{name} mean"] = float(t.mean())
+    out[f"{name} std over elements"] = float(t.std())
+  return out
+
+
+# -------------------------------------------------------------------- main
+
+def markdown(res: dict[str, Any]) -> str:
+  lines = [f"# options_bench ({res['tree']}, {res['num_params'] / 1e6:.1f} M "
+           f"float32 params; {res['machine']})", ""]
+  sp = res["speed"]
+  base = sp["default"]["plain update"]
+  lines += ["## Speed (median ms per training step, interleaved)", "",
+            "| variant | ms | vs plain update |", "|---|---|---|"]
+  for name, ms in sp["default"].items():
+    lines.append(f"| {name} | {ms:.2f} | {ms / base:.2f}x |")
+  for mode in ("several_default", "several_mof"):
+    s = sp[mode]
+    lines.append(
+        f"| {mode.replace('several_', 'several momenta, XLA flags: ')}: "
+        f"ema((m1, m2, m3)) / 3 separate EMAs | "
+        f"{s['ema((m1, m2, m3)), one call']:.2f} / {s['3 separate EMAs']:.2f}"
+        f" | {s['ema((m1, m2, m3)), one call'] / s['3 separate EMAs']:.2f}x"
+        f" (ideal 28/36 = 0.78x) |")
+  lines += ["", "## every=k on a real trajectory (MLP, AdamW, digits; "
+            f"m = {res['every']['momentum']}, {res['every']['steps']} steps)",
+            "", "Distance from the per-step target / the per-step target's "
+            "lag behind the online params (at window ends, second half):", "",
+            "| k | every=k (product momentum) | plain skip (per-step momentum) |",
+            "|---|---|---|"]
+  rel = res["every"]["relative_to_lag"]
+  for k in (2, 4, 8):
+    lines.append(f"| {k} | {rel[f'every={k}']['mean_2nd_half']:.4f} | "
+                 f"{rel[f'skip k={k}']['mean_2nd_half']:.4f} |")
+  lines += ["", "## bfloat16 stagnation (2000 steps, m = 0.999, 0 -> 1)", "",
+            "| | value |", "|---|---|"]
+  lines += [f"| {k} | {v:.4f} |" for k, v in res["stagnation"].items()]
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true",
+                 help="ViT-S/16, fewer rounds and steps (about a minute)")
+  p.add_argument("--json", default=None)
+  p.add_argument("--markdown", default=None)
+  p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.child:
+    speed_child(args.child[0], args.child[1], int(args.child[2]))
+    return {}
+  tree = "vit_s16" if args.quick else "vit_b16"
+  rounds = 5 if args.quick else 15
+  from tqdm import tqdm
+  jobs = [("default", lambda: speed(tree, "options", rounds, mof=False)),
+          ("several_default", lambda: speed(tree, "several", rounds, False)),
+          ("several_mof", lambda: speed(tree, "several", rounds, True))]
+  res: dict[str, Any] = {
+      "tree": tree, "num_params": ema_bench.num_params(tree),
+      "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, "
+                 f"jax {__import__('jax').__version__}", "speed": {}}
+  bar = tqdm(total=len(jobs) + 2, desc="options_bench", unit="part")
+  for key, job in jobs:
+    bar.set_postfix_str(key)
+    res["speed"][key] = job()
+    bar.update()
+  bar.set_postfix_str("every=k accuracy")
+  res["every"] = every_accuracy(600 if args.quick else 3000)
+  bar.update()
+  bar.set_postfix_str("bf16 stagnation")
+  res["stagnation"] = stagnation(1 << 14 if args.quick else 1 << 18)
+  bar.update()
+  bar.close()
+  md = markdown(res)
+  print(md)
+  if args.json:
+    pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
+  if args.markdown:
+    pathlib.Path(args.markdown).write_text(md)
+  return res
+
+
+if __name__ == "__main__":
+  main()
