@@ -201,8 +201,10 @@ def _round_seeds(key: jax.Array, impl: Any, step: jax.Array,
 
 
 def _zero_drift(params: PyTree) -> dict[str, Any]:
-  return jax.tree.map(lambda x: jnp.zeros([], jnp.float32),
-                      _update._relative_distance(params, params))
+  """The drift of a target equal to the params (no pass over the params)."""
+  zero = lambda: jnp.zeros([], jnp.float32)
+  return {"global": zero(), "per_module": {
+      name: zero() for name in _update._drift_modules(params)}}
 
 
 def ema(momentum: _schedules.MomentumLike

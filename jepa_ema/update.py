@@ -270,6 +270,13 @@ def _module_name(path: tuple) -> str:
   return jax.tree_util.keystr((k,))
 
 
+def _drift_modules(tree: PyTree) -> list[str]:
+  """The per-module names :func:`_relative_distance` reports for ``tree``."""
+  names = {_module_name(path): None for path, x in
+           jax.tree_util.tree_flatten_with_path(tree)[0] if _is_float_leaf(x)}
+  return [] if "" in names else list(names)
+
+
 def _relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
   """``||target - online|| / ||online||`` over all floating leaves and per
   top-level entry of the tree, in float32: ``{"global": x, "per_module":

@@ -49,7 +49,7 @@ def options_bench():
 
 @pytest.mark.standard_promotion  # optax internals promote implicitly
 def test_options_bench_accuracy_parts_run(options_bench):
-  every = options_bench.every_accuracy(64, ks=(2, 4))["relative_to_lag"]
+  every = options_bench.every_accuracy(32, ks=(2, 4))["relative_to_lag"]
   assert set(every) == {"every=2", "every=4", "skip k=2", "skip k=4"}
   for k in (2, 4):  # the product momentum tracks the per-step EMA better
     assert every[f"every={k}"]["final"] < every[f"skip k={k}"]["final"]

@@ -83,7 +83,7 @@ def _run_demo(args, env):
                         capture_output=True, text=True, timeout=240)
 
 
-COMMON = ["--steps", "60", "--runs", "ema", "--no-eval-baselines",
+COMMON = ["--quick", "--steps", "60", "--runs", "ema", "--no-eval-baselines",
           "--no-progress", "--checkpoint-every", "10"]
 
 
@@ -129,7 +129,7 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
 
 def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
   demo = load("ijepa_digits.py")
-  args = ["--steps", "20", "--runs", "ema", "--no-eval-baselines",
+  args = ["--quick", "--steps", "20", "--runs", "ema", "--no-eval-baselines",
           "--no-progress", "--checkpoint-every", "10", "--checkpoint-dir",
           str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
   demo["main"](args)

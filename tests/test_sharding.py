@@ -68,9 +68,15 @@ OPTIONS = ["every", "several", "drift", "stochastic", "all"]
 
 
 @pytest.mark.parametrize("name", OPTIONS)
-def test_options_keep_shardings_and_single_device_bits(result, name):
+def test_options_keep_shardings(result, name):
   assert result[f"{name}_state_shardings_match"] is True
   assert result[f"{name}_keeps"] is True
+
+
+@pytest.mark.parametrize("name", ["stochastic", "all"])
+def test_stochastic_rounding_gives_the_single_device_bits(result, name):
+  # The rounding noise is a function of the element's global position, so a
+  # sharded run and a one-device run agree bitwise (targets, steps, keys).
   assert result[f"{name}_equals_single_device"] is True
 
 
