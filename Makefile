@@ -29,8 +29,9 @@ demo: $(VENV)/.examples  ## run the main example: a tiny I-JEPA on digits (~2-3 
 test: $(VENV)/.test  ## run the whole test suite (doctests included)
 	$(PY) -m pytest -q
 
-bench: $(VENV)/.bench  ## run the speed/memory benchmark
+bench: $(VENV)/.bench  ## run the speed/memory benchmarks (~20 min)
 	$(PY) benchmarks/ema_bench.py
+	$(PY) benchmarks/options_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

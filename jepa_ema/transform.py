@@ -271,7 +271,8 @@ def ema(momentum: _schedules.MomentumLike
     every: update the target on every ``every``-th step only, with the
       product of the momenta of the skipped steps (default 1: every step).
     drift: keep ``||target - params|| / ||params||`` in ``state.drift``.
-    rounding: ``"nearest"`` (default) or ``"stochastic"`` (bfloat16 targets).
+    rounding: ``"nearest"`` (default) or ``"stochastic"``: the target's
+      bfloat16 leaves are rounded stochastically (other leaves as usual).
     key: the seed (int) or ``jax.random.key`` of the stochastic rounding.
 
   Returns:
