@@ -31,7 +31,8 @@ test: $(VENV)/.test  ## run the whole test suite (doctests included)
 
 bench: $(VENV)/.bench  ## run the speed/memory benchmarks (~20 min)
 	$(PY) benchmarks/ema_bench.py
-	$(PY) benchmarks/options_bench.py
+	$(PY) benchmarks/options_bench.py --json benchmarks/options_results.json \
+	  --markdown benchmarks/options_results.md --plot docs/options_every.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

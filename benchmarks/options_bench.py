@@ -28,7 +28,9 @@ Accuracy:
 Usage::
 
   python benchmarks/options_bench.py --quick   # ViT-S/16, fewer rounds (~1 min)
-  python benchmarks/options_bench.py           # ViT-B/16 (~5 min)
+  python benchmarks/options_bench.py           # ViT-B/16 (~4 min)
+  python benchmarks/options_bench.py --json benchmarks/options_results.json \
+      --markdown benchmarks/options_results.md --plot docs/options_every.png
 """
 
 from __future__ import annotations
@@ -236,6 +238,9 @@ def every_accuracy(steps: int, momentum: float = 0.996,
   ends = np.arange(max(ks) - 1, steps, max(ks))
   ends = ends[ends >= half]
   return {"steps": steps, "momentum": momentum,
+          "series_at_window_ends": {"steps": (ends_all := np.arange(
+              max(ks) - 1, steps, max(ks))).tolist(), **{
+                  k: np.asarray(v)[ends_all].tolist() for k, v in rel.items()}},
           "relative_to_lag": {k: {"mean_2nd_half": float(np.mean(
               np.asarray(v)[ends])), "final": float(np.asarray(v)[ends[-1]])}
               for k, v in rel.items()}}
@@ -256,6 +261,29 @@ def stagnation(n: int, steps: int = 2000, m: float = 0.999
     out[f"{name} mean"] = float(t.mean())
     out[f"{name} std over elements"] = float(t.std())
   return out
+
+
+def plot_every(every: dict[str, Any], path: pathlib.Path) -> None:
+  """every=k vs plain skipping over the trajectory (log scale)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  series = dict(every["series_at_window_ends"])
+  steps = series.pop("steps")
+  fig, ax = plt.subplots(figsize=(7, 4))
+  colors = {"2": "tab:blue", "4": "tab:orange", "8": "tab:green"}
+  for name, values in series.items():
+    k = name.split("=")[-1]
+    ax.plot(steps, values, color=colors.get(k), ls="-" if "every" in name
+            else "--", label=name.replace("skip", "plain skip"))
+  ax.set(yscale="log", xlabel="training step (window ends)",
+         ylabel="|target - per-step target| / per-step lag",
+         title=f"every=k (product momentum) vs plain skipping, "
+               f"m = {every['momentum']}")
+  ax.legend(fontsize=8, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
 
 
 # -------------------------------------------------------------------- main
@@ -299,6 +327,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help="ViT-S/16, fewer rounds and steps (about a minute)")
   p.add_argument("--json", default=None)
   p.add_argument("--markdown", default=None)
+  p.add_argument("--plot", default=None,
+                 help="write the every=k figure here (needs matplotlib)")
   p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
@@ -332,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pathlib.Path(args.json).write_text(json.dumps(res, indent=1))
   if args.markdown:
     pathlib.Path(args.markdown).write_text(md)
+  if args.plot:
+    plot_every(res["every"], pathlib.Path(args.plot))
   return res
 
 
