@@ -30,7 +30,8 @@ test: $(VENV)/.test  ## run the whole test suite (doctests included)
 	$(PY) -m pytest -q
 
 bench: $(VENV)/.bench  ## run the speed/memory benchmarks (~20 min)
-	$(PY) benchmarks/ema_bench.py
+	$(PY) benchmarks/ema_bench.py --json benchmarks/results.json \
+	  --markdown benchmarks/results.md
 	$(PY) benchmarks/options_bench.py --json benchmarks/options_results.json \
 	  --markdown benchmarks/options_results.md --plot docs/options_every.png
 

@@ -512,7 +512,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  "small1000")
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--no-memory", action="store_true")
-  p.add_argument("--json", default="benchmarks/results.json")
+  p.add_argument("--json", default=None,
+                 help="write the results here (make bench: "
+                 "benchmarks/results.json)")
   p.add_argument("--markdown", default=None)
   p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
