@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for tree in trees:
     n = num_params(tree)
     variants = [c() for c in variants_for(tree)]
-    budget = 8 if args.quick else 90
+    budget = 6 if args.quick else 90
     times = time_interleaved(tree, variants, repeats, budget)
     del variants  # free the buffers before the memory subprocesses
     _SHARED.clear()
@@ -555,10 +555,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows = {}
     mem_variants = [v for v in variants if not args.no_memory
                     and not isinstance(v, DispatchFloor)]
-    if args.quick:  # a fresh process per variant costs ~8 s: the key pair
+    if args.quick:  # a fresh process per variant costs ~8 s: the key one
       mem_variants = [] if tree == "small1000" else [
-          v for v in mem_variants
-          if type(v) in (JepaWrapper, JitTreeMapNoDonate)]
+          v for v in mem_variants if type(v) is JepaWrapper]
     mem_iter = tqdm(mem_variants,
                     desc=f"memory {tree}", leave=False, disable=args.quick)
     mem = {v.name: memory_of(tree, v.name) for v in mem_iter}
