@@ -43,7 +43,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from typing import Any, Callable
 
 import numpy as np
@@ -140,19 +139,30 @@ def speed_variants(tree: str, section: str) -> dict[str, Callable[[], None]]:
   return out
 
 
+class _Closure(ema_bench.Variant):
+  """A ``run()`` closure (``run.calls`` steps per call) as an ema_bench
+  Variant, so both benchmarks share one interleaved timing loop."""
+
+  def __init__(self, name: str, run: Callable[[], None]):
+    self.name, self._run = name, run
+
+  def setup(self, tree: str) -> None:
+    pass  # the closure holds its buffers
+
+  def run(self) -> None:
+    self._run()
+
+  def per_call(self) -> int:
+    return self._run.calls
+
+
 def time_rounds(variants: dict[str, Callable[[], None]], rounds: int
                 ) -> dict[str, float]:
   """Median ms per step of each variant, interleaved round by round."""
-  for run in variants.values():
-    run()
-    run()
-  times: dict[str, list[float]] = {k: [] for k in variants}
-  for _ in range(rounds):
-    for name, run in variants.items():
-      t0 = time.perf_counter()
-      run()
-      times[name].append((time.perf_counter() - t0) * 1e3 / run.calls)
-  return {k: statistics.median(v) for k, v in times.items()}
+  times = ema_bench.time_interleaved(
+      "", [_Closure(k, run) for k, run in variants.items()], rounds,
+      budget_s=float("inf"))
+  return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def speed_child(tree: str, section: str, rounds: int) -> None:

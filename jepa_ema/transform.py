@@ -379,15 +379,11 @@ def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
         skipped = jnp.where(finite, skipped, _safe_increment(skipped))
       _update._check_trees(state.target, params)
       _update._check_shardings(state.target, params)
-      leaves, treedef = jax.tree.flatten(state.target)
+      seeds = None
       if stochastic:
-        seeds = _round_seeds(state.key, key_impl, step, len(leaves))
-        seeds = [seeds[j] for j in range(len(leaves))]
-      else:
-        seeds = [None] * len(leaves)
-      target = jax.tree.unflatten(treedef, [
-          _update._blend(t, o, m, s) for t, o, s in
-          zip(leaves, treedef.flatten_up_to(params), seeds)])
+        n = len(jax.tree.leaves(state.target))
+        seeds = list(_round_seeds(state.key, key_impl, step, n))
+      target = _update._blend_tree(state.target, params, m, seeds)
       out.append(state._replace(
           target=target, skipped=skipped.astype(jnp.int32),
           drift=(_update._relative_distance(target, params) if drift

@@ -301,9 +301,19 @@ def _relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
 
   total_d = sum((d for d, _ in sums.values()), jnp.float32(0))
   total_n = sum((n for _, n in sums.values()), jnp.float32(0))
-  per_module = ({name: ratio(d, n) for name, (d, n) in sums.items()}
-                if "" not in sums else {})
-  return {"global": ratio(total_d, total_n), "per_module": per_module}
+  return {"global": ratio(total_d, total_n),
+          "per_module": {name: ratio(*sums[name])
+                         for name in _drift_modules(target)}}
+
+
+def _blend_tree(target: PyTree, online: PyTree, m: jax.Array,
+                seeds: list[jax.Array] | None = None) -> PyTree:
+  """:func:`_blend` over checked trees; ``seeds``: one per target leaf."""
+  leaves, treedef = jax.tree.flatten(target)
+  seeds = seeds if seeds is not None else [None] * len(leaves)
+  return jax.tree.unflatten(treedef, [
+      _blend(t, o, m, s) for t, o, s in
+      zip(leaves, treedef.flatten_up_to(online), seeds)])
 
 
 def ema_update(target: PyTree, online: PyTree, step: jax.typing.ArrayLike,
@@ -363,7 +373,7 @@ def ema_update(target: PyTree, online: PyTree, step: jax.typing.ArrayLike,
   m = _resolve_momentum(momentum, step)
   _check_trees(target, online)
   _check_shardings(target, online)
-  return jax.tree.map(lambda t, o: _blend(t, o, m), target, online)
+  return _blend_tree(target, online, m)
 
 
 def make_ema_update(momentum: _schedules.MomentumLike, *,
