@@ -3,14 +3,25 @@
 ``target <- m(t) * target + (1 - m(t)) * online`` for every floating leaf of a
 parameter pytree, with the momentum schedules of I-JEPA, V-JEPA, BYOL, DINO and
 MoCo. Data flows one way: :mod:`jepa_ema.schedules` -> :mod:`jepa_ema.update`
--> :mod:`jepa_ema.transform`.
+-> :mod:`jepa_ema.transform` -> :mod:`jepa_ema.posthoc`.
 """
 
+from jepa_ema.posthoc import (
+    PostHocSnapshots,
+    SnapshotError,
+    posthoc_coefficients,
+    posthoc_reconstruct,
+)
 from jepa_ema.schedules import (
     Schedule,
     constant_momentum,
     cosine_momentum,
+    gamma_to_sigma_rel,
+    halflife_momentum,
     linear_momentum,
+    power_momentum,
+    scale_momentum,
+    sigma_rel_to_gamma,
     warmup_momentum,
 )
 from jepa_ema.transform import (
@@ -31,6 +42,15 @@ __all__ = [
     "cosine_momentum",
     "linear_momentum",
     "warmup_momentum",
+    "scale_momentum",
+    "halflife_momentum",
+    "power_momentum",
+    "gamma_to_sigma_rel",
+    "sigma_rel_to_gamma",
+    "posthoc_coefficients",
+    "posthoc_reconstruct",
+    "PostHocSnapshots",
+    "SnapshotError",
     "ema_update",
     "make_ema_update",
     "ShardingMismatchWarning",

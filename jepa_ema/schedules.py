@@ -51,6 +51,14 @@ __all__ = [
     "cosine_momentum",
     "linear_momentum",
     "warmup_momentum",
+    "ScaledMomentum",
+    "HalflifeMomentum",
+    "PowerMomentum",
+    "scale_momentum",
+    "halflife_momentum",
+    "power_momentum",
+    "gamma_to_sigma_rel",
+    "sigma_rel_to_gamma",
     "as_schedule",
 ]
 
@@ -143,20 +151,19 @@ class CosineMomentum:
 
   base: float
   final: float
-  total_steps: int
+  total_steps: float
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "base", _check_momentum("base", self.base))
     object.__setattr__(self, "final", _check_momentum("final", self.final))
     object.__setattr__(self, "total_steps",
-                       _check_int("total_steps", self.total_steps))
+                       _check_float("total_steps", self.total_steps, 0.0))
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = _step_f32(step)
     if self.total_steps == 0:
       return jnp.full(jnp.shape(t), self.final, dtype=jnp.float32)
-    frac = jnp.clip(t, 0.0, float(self.total_steps)) / np.float32(
-        self.total_steps)
+    frac = jnp.clip(t / np.float32(self.total_steps), 0.0, 1.0)
     cos = (1.0 + jnp.cos(np.float32(math.pi) * frac)) / 2.0
     return (np.float32(self.final)
             - np.float32(self.final - self.base) * cos).astype(jnp.float32)
@@ -168,20 +175,19 @@ class LinearMomentum:
 
   base: float
   final: float
-  total_steps: int
+  total_steps: float
 
   def __post_init__(self) -> None:
     object.__setattr__(self, "base", _check_momentum("base", self.base))
     object.__setattr__(self, "final", _check_momentum("final", self.final))
     object.__setattr__(self, "total_steps",
-                       _check_int("total_steps", self.total_steps))
+                       _check_float("total_steps", self.total_steps, 0.0))
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = _step_f32(step)
     if self.total_steps == 0:
       return jnp.full(jnp.shape(t), self.final, dtype=jnp.float32)
-    frac = jnp.clip(t, 0.0, float(self.total_steps)) / np.float32(
-        self.total_steps)
+    frac = jnp.clip(t / np.float32(self.total_steps), 0.0, 1.0)
     m = np.float32(self.base) + np.float32(self.final - self.base) * frac
     # Rounding may not overshoot the end points (e.g. final=1.0 exactly).
     lo, hi = sorted((self.base, self.final))
@@ -250,8 +256,8 @@ def constant_momentum(momentum: float) -> ConstantMomentum:
 
 
 def cosine_momentum(base: float = 0.996, final: float = 1.0, *,
-                    total_steps: int) -> CosineMomentum:
-  r"""Constructs the cosine momentum schedule of BYOL, DINO and V-JEPA.
+                    total_steps: float) -> CosineMomentum:
+  r"""Constructs the cosine momentum schedule of BYOL, DINO and MoCo v3.
 
   .. math::
     m(t) = f - (f - b) \cdot \frac{1 + \cos(\pi \, t / T)}{2},
@@ -264,8 +270,9 @@ def cosine_momentum(base: float = 0.996, final: float = 1.0, *,
   Args:
     base: momentum at step 0, in ``[0, 1]`` (BYOL: 0.996; DINO: 0.996).
     final: momentum at and after ``total_steps``, in ``[0, 1]``.
-    total_steps: ``T``, the number of training steps of the increase (BYOL
-      and DINO: all training steps, ``epochs * iterations_per_epoch``).
+    total_steps: ``T >= 0``, the number of training steps of the increase
+      (BYOL and DINO: all training steps, ``epochs * iterations_per_epoch``).
+      A real number is accepted (the step is a real number too).
 
   Returns:
     A schedule ``step -> momentum`` (float32).
@@ -282,28 +289,29 @@ def cosine_momentum(base: float = 0.996, final: float = 1.0, *,
 
   References:
     Grill et al., BYOL, arXiv:2006.07733 (section 3.2);
-    Caron et al., DINO, arXiv:2104.14294;
-    Bardes et al., V-JEPA, arXiv:2404.08471.
+    Caron et al., DINO, arXiv:2104.14294.
   """
   return CosineMomentum(base, final, total_steps)
 
 
 def linear_momentum(base: float = 0.996, final: float = 1.0, *,
-                    total_steps: int) -> LinearMomentum:
-  r"""Constructs the linear momentum schedule of I-JEPA.
+                    total_steps: float) -> LinearMomentum:
+  r"""Constructs the linear momentum schedule of I-JEPA and V-JEPA.
 
   .. math::
     m(t) = b + (f - b) \cdot t / T, \qquad t \text{ clamped to } [0, T],
 
-  with ``total_steps == 0`` giving the constant ``final``. I-JEPA's
-  ``ipe_scale`` (1.25 in its configs) simply stretches the ramp: use
-  ``total_steps = int(ipe * epochs * ipe_scale)``; training then stops before
-  the momentum reaches ``final``.
+  with ``total_steps == 0`` giving the constant ``final``. The released
+  I-JEPA and V-JEPA code draws ``m`` from a generator that divides by the
+  *unrounded* ``ipe * epochs * ipe_scale`` (I-JEPA's configs: ``ipe_scale``
+  1.0; V-JEPA's: 1.25, which stretches the ramp so that training stops before
+  the momentum reaches ``final``). Pass that product as it is, without
+  ``int(...)``: ``total_steps`` is a real number and the port is exact.
 
   Args:
     base: momentum at step 0, in ``[0, 1]`` (I-JEPA: 0.996).
     final: momentum at and after ``total_steps``, in ``[0, 1]`` (I-JEPA: 1.0).
-    total_steps: ``T``, the length of the ramp in steps.
+    total_steps: ``T >= 0``, the length of the ramp in steps (a real number).
 
   Returns:
     A schedule ``step -> momentum`` (float32).
@@ -319,7 +327,8 @@ def linear_momentum(base: float = 0.996, final: float = 1.0, *,
     0.9960 0.9980 1.0000 1.0000
 
   References:
-    Assran et al., I-JEPA, arXiv:2301.08243.
+    Assran et al., I-JEPA, arXiv:2301.08243;
+    Bardes et al., V-JEPA, arXiv:2404.08471.
   """
   return LinearMomentum(base, final, total_steps)
 
@@ -394,3 +403,282 @@ def as_schedule(momentum: MomentumLike, name: str = "momentum") -> Schedule:
         f"`{name}` must be a schedule (a callable step -> momentum) or a "
         f"float in [0, 1], got {momentum!r} (type {type(momentum).__name__}).")
   return ConstantMomentum(_check_momentum(name, momentum))
+
+
+# -------------------------------------------------------------- horizon tools
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledMomentum:
+  """``m(kappa * t) ** kappa``. Built by :func:`scale_momentum`."""
+
+  momentum: Schedule
+  kappa: float
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    m = jnp.asarray(self.momentum(_step_f32(step) * np.float32(self.kappa)),
+                    jnp.float32)
+    # pow(0, k) = 0 and pow(1, k) = 1 exactly, for every k > 0.
+    return jnp.power(m, np.float32(self.kappa)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class HalflifeMomentum:
+  """``0.5 ** (1 / H_t)``. Built by :func:`halflife_momentum`."""
+
+  halflife: float
+  rampup: float | None = None
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "halflife", _check_float(
+        "halflife", self.halflife, 0.0, lo_open=True))
+    if self.rampup is not None:
+      object.__setattr__(self, "rampup", _check_float(
+          "rampup", self.rampup, 0.0, lo_open=True))
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    t = _step_f32(step)
+    h = jnp.full(jnp.shape(t), self.halflife, jnp.float32)
+    if self.rampup is not None:
+      h = jnp.minimum(h, np.float32(self.rampup) * (jnp.maximum(t, 0.0) + 1.0))
+    # 0.5 ** (1 / h) = exp(-ln 2 / h): one rounding.
+    return jnp.exp(np.float32(-math.log(2.0)) / h).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerMomentum:
+  """EDM2's power-function EMA. Built by :func:`power_momentum`."""
+
+  gamma: float
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "gamma", _check_float(
+        "gamma", self.gamma, 0.0, lo_open=True))
+
+  @property
+  def sigma_rel(self) -> float:
+    """The relative standard deviation of the averaging profile."""
+    return gamma_to_sigma_rel(self.gamma)
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    t = jnp.maximum(_step_f32(step), 0.0)
+    # (1 - 1/(t+1)) ** (g+1) = exp((g+1) * log1p(-1/(t+1))): exact 0 at t=0.
+    return jnp.exp(np.float32(self.gamma + 1.0)
+                   * jnp.log1p(-1.0 / (t + 1.0))).astype(jnp.float32)
+
+
+def scale_momentum(momentum: MomentumLike, kappa: float) -> Schedule:
+  r"""Ports a momentum (schedule) to a batch size ``kappa`` times larger.
+
+  The EMA Scaling Rule of Busbridge et al. (2023): when the batch grows by
+  ``kappa`` (so the run has ``kappa`` times fewer steps over the same data),
+  the EMA must take ``kappa`` of the reference's steps at once,
+
+  .. math::
+    \hat m(t) = m(\kappa t)^{\kappa},
+
+  so that after ``n`` new steps the old target weighs what it did after
+  ``kappa * n`` reference steps. Pair it with the optimizer's own scaling
+  rule (Adam: ``lr * sqrt(kappa)``; SGD: ``lr * kappa``).
+
+  ``kappa == 1`` returns ``momentum`` (as a schedule) unchanged; momenta 0
+  and 1 stay 0 and 1. ``momentum(kappa * t)`` is called with a real step, so
+  a schedule must accept one (all of this module's and optax's do).
+
+  Args:
+    momentum: the reference momentum: a float in ``[0, 1]`` or a schedule.
+    kappa: ``new_batch / reference_batch``, a positive, finite real.
+
+  Returns:
+    A schedule ``step -> momentum`` (float32).
+
+  Raises:
+    ValueError: if ``kappa`` is not positive and finite, or a float momentum
+      is outside ``[0, 1]``.
+    TypeError: if an argument has the wrong type.
+
+  Examples:
+    DINO's 0.996 at batch 256 (cosine to 1 over 100 epochs of 5000 steps),
+    ported to batch 1024: 4x fewer steps, so the ramp is 4x shorter too.
+
+    >>> import jepa_ema
+    >>> ref = jepa_ema.cosine_momentum(0.996, 1.0, total_steps=500_000)
+    >>> big = jepa_ema.scale_momentum(ref, 1024 / 256)
+    >>> print(f"{big(0):.6f} {big(62_500):.6f} {big(125_000):.6f}")
+    0.984096 0.992024 1.000000
+    >>> print(f"{jepa_ema.scale_momentum(0.999, 0.5)(0):.6f}")
+    0.999500
+
+  References:
+    Busbridge et al., *How to Scale Your EMA*, arXiv:2307.13813.
+  """
+  k = _check_float("kappa", kappa, 0.0, lo_open=True)
+  schedule = as_schedule(momentum)
+  if k == 1.0:
+    return schedule
+  return ScaledMomentum(schedule, k)
+
+
+def halflife_momentum(halflife: float, *, rampup: float | None = None
+                      ) -> HalflifeMomentum:
+  r"""Constructs the momentum of an EMA stated as a half-life (EDM).
+
+  .. math::
+    m(t) = 0.5^{1 / H_t}, \qquad H_t = \begin{cases}
+      H & \text{without ramp-up} \\
+      \min(H,\; r \cdot (t + 1)) & \text{with } \texttt{rampup} = r
+    \end{cases}
+
+  After ``H`` steps the old target's weight has halved. The ramp-up is EDM /
+  EDM2's ``ema_rampup_ratio`` (0.05 there), with EDM2's counting
+  (``cur_nimg`` is incremented before the EMA update, so update ``t`` has
+  seen ``(t + 1) * batch`` images): the window grows with training, so the
+  random initialisation is forgotten quickly.
+
+  A half-life stated in images (EDM: ``ema_halflife_kimg * 1000``) is
+  ``halflife = images / batch_size`` steps.
+
+  Args:
+    halflife: ``H > 0``, in steps (a real number).
+    rampup: ``r > 0`` or ``None`` (no ramp-up).
+
+  Returns:
+    A schedule ``step -> momentum`` (float32).
+
+  Raises:
+    ValueError: if ``halflife`` or ``rampup`` is not positive and finite.
+    TypeError: if an argument has the wrong type.
+
+  Examples:
+    >>> import jepa_ema
+    >>> print(f"{jepa_ema.halflife_momentum(693.1)(0):.6f}")  # ~ 0.999
+    0.999000
+    >>> edm = jepa_ema.halflife_momentum(500_000 / 512, rampup=0.05)
+    >>> print(*[f"{edm(t):.4f}" for t in (0, 99, 100_000)])
+    0.0000 0.8706 0.9993
+
+  References:
+    Karras et al., *Elucidating the Design Space of Diffusion-Based
+    Generative Models* (EDM), arXiv:2206.00364; EDM2, arXiv:2312.02696.
+  """
+  return HalflifeMomentum(halflife, rampup)
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+  r"""The relative width of a power-function EMA profile (EDM2 eq. 123).
+
+  .. math::
+    \sigma_{\mathrm{rel}} = \sqrt{\frac{\gamma + 1}{(\gamma + 2)^2
+    (\gamma + 3)}}
+
+  Args:
+    gamma: the exponent ``gamma > 0``.
+
+  Returns:
+    ``sigma_rel`` as a Python float, in ``(0, sqrt(1/12))``.
+
+  Raises:
+    ValueError: if ``gamma`` is not positive and finite.
+
+  Examples:
+    >>> import jepa_ema
+    >>> print(f"{jepa_ema.gamma_to_sigma_rel(6.94):.4f}")
+    0.1000
+
+  References:
+    Karras et al., EDM2, arXiv:2312.02696 (appendix C).
+  """
+  g = _check_float("gamma", gamma, 0.0, lo_open=True)
+  return math.sqrt((g + 1.0) / ((g + 2.0) ** 2 * (g + 3.0)))
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+  r"""The exponent of the power-function EMA of width ``sigma_rel`` (EDM2 eq. 126).
+
+  The largest real root of
+  :math:`\gamma^3 + 7\gamma^2 + (16 - \sigma^{-2})\gamma + (12 - \sigma^{-2})`,
+  the inverse of :func:`gamma_to_sigma_rel`.
+
+  Args:
+    sigma_rel: in ``(0, sqrt(1/12))`` (``sqrt(1/12)`` is ``gamma = 0``).
+
+  Returns:
+    ``gamma > 0`` as a Python float (polished to float64 rounding).
+
+  Raises:
+    ValueError: if ``sigma_rel`` is outside ``(0, sqrt(1/12))``.
+
+  Examples:
+    >>> import jepa_ema
+    >>> print(f"{jepa_ema.sigma_rel_to_gamma(0.05):.4f} "
+    ...       f"{jepa_ema.sigma_rel_to_gamma(0.10):.4f}")
+    16.9722 6.9372
+
+  References:
+    Karras et al., EDM2, arXiv:2312.02696 (appendix C).
+  """
+  s = _check_float("sigma_rel", sigma_rel, 0.0, lo_open=True)
+  if s >= math.sqrt(1.0 / 12.0):
+    raise ValueError(
+        f"`sigma_rel` must be < sqrt(1/12) = {math.sqrt(1 / 12):.6f} (that is "
+        f"gamma > 0), got {s!r}.")
+  t = s ** -2.0
+  roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
+  g = float(np.max(roots[np.abs(roots.imag) < 1e-6 * (1 + np.abs(roots))
+                         ].real))
+  for _ in range(3):  # Newton polish of the root
+    f = ((g + 7.0) * g + 16.0 - t) * g + 12.0 - t
+    df = (3.0 * g + 14.0) * g + 16.0 - t
+    if df == 0.0:
+      break
+    g -= f / df
+  return g
+
+
+def power_momentum(*, sigma_rel: float | None = None,
+                   gamma: float | None = None) -> PowerMomentum:
+  r"""Constructs EDM2's power-function EMA as a momentum schedule.
+
+  .. math::
+    m(t) = \left(1 - \frac{1}{t + 1}\right)^{\gamma + 1},
+
+  EDM2's ``beta`` with its update counter ``t + 1`` (EDM2 calls the update
+  after incrementing its image counter), so update 0 copies the online
+  params (``m(0) = 0``) and the averaging window then grows with training:
+  after ``n`` updates the target averages the params it saw with weights
+  ``proportional to tau ** gamma``, a profile whose width relative to ``n`` is
+  ``sigma_rel`` (:func:`gamma_to_sigma_rel`). This is what
+  :func:`jepa_ema.posthoc_reconstruct` combines after training.
+
+  Give exactly one of ``sigma_rel`` (EDM2's parameter) and ``gamma``.
+
+  Args:
+    sigma_rel: in ``(0, sqrt(1/12))``; EDM2 tracks 0.05 and 0.10.
+    gamma: ``> 0``.
+
+  Returns:
+    A schedule ``step -> momentum`` (float32); its ``gamma`` and
+    ``sigma_rel`` are attributes.
+
+  Raises:
+    ValueError: if neither or both are given, or one is out of range.
+
+  Examples:
+    >>> import jepa_ema
+    >>> schedule = jepa_ema.power_momentum(gamma=7.0)
+    >>> print(*[f"{schedule(t):.4f}" for t in (0, 1, 9, 999)])
+    0.0000 0.0039 0.4305 0.9920
+    >>> print(f"{jepa_ema.power_momentum(sigma_rel=0.05).gamma:.4f}")
+    16.9722
+
+  References:
+    Karras et al., *Analyzing and Improving the Training Dynamics of
+    Diffusion Models* (EDM2), arXiv:2312.02696.
+  """
+  if (sigma_rel is None) == (gamma is None):
+    raise ValueError(
+        "power_momentum takes exactly one of `sigma_rel` and `gamma`, got "
+        f"sigma_rel={sigma_rel!r}, gamma={gamma!r}.")
+  if sigma_rel is not None:
+    return PowerMomentum(sigma_rel_to_gamma(sigma_rel))
+  return PowerMomentum(gamma)

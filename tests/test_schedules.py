@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jepa_ema
 from jepa_ema import schedules
@@ -159,7 +161,9 @@ BAD = [
      "final"),
     (jepa_ema.cosine_momentum, (), dict(total_steps=-1), ValueError,
      "total_steps"),
-    (jepa_ema.linear_momentum, (), dict(total_steps=10.5), TypeError,
+    (jepa_ema.linear_momentum, (), dict(total_steps="10"), TypeError,
+     "total_steps"),
+    (jepa_ema.linear_momentum, (), dict(total_steps=math.inf), ValueError,
      "total_steps"),
     (jepa_ema.linear_momentum, (), dict(total_steps=True), TypeError,
      "total_steps"),
@@ -193,3 +197,300 @@ def test_as_schedule():
     schedules.as_schedule(2.0)
   with pytest.raises(TypeError, match="schedule"):
     schedules.as_schedule("fast")
+
+
+# ------------------------------------------------ real total_steps (papers)
+
+
+def ijepa_generator(ema0, ema1, ipe, epochs, ipe_scale):
+  """The momentum generator of the I-JEPA / V-JEPA released code (train.py)."""
+  total = ipe * epochs * ipe_scale
+  return (ema0 + i * (ema1 - ema0) / total for i in range(int(total) + 1))
+
+
+@pytest.mark.parametrize("ema0,ipe,epochs,ipe_scale", [
+    (0.996, 37, 3, 1.25), (0.998, 11, 7, 1.25), (0.996, 13, 5, 1.0),
+    (0.99925, 29, 2, 1.25)])
+def test_linear_momentum_ports_the_jepa_generator_exactly(
+    ema0, ipe, epochs, ipe_scale, maybe_jit):
+  ref = np.array(list(ijepa_generator(ema0, 1.0, ipe, epochs, ipe_scale)))
+  ours = jepa_ema.linear_momentum(ema0, 1.0,
+                                  total_steps=ipe * epochs * ipe_scale)
+  got = np.asarray(maybe_jit(ours)(jnp.arange(len(ref))))
+  # Within one float32 rounding of the float64 generator ...
+  np.testing.assert_allclose(got, ref.astype(np.float32), rtol=0,
+                             atol=np.spacing(np.float32(1.0)))
+  # ... whereas int(...) of a non-integer product ramps measurably too fast.
+  if (ipe * epochs * ipe_scale) % 1:
+    rounded = jepa_ema.linear_momentum(
+        ema0, 1.0, total_steps=int(ipe * epochs * ipe_scale))
+    err = np.max(np.abs(np.asarray(rounded(jnp.arange(len(ref)))) - ref))
+    assert err > 4 * np.spacing(np.float32(1.0))
+
+
+def test_real_total_steps_cosine_and_equality():
+  a = jepa_ema.cosine_momentum(0.99, 1.0, total_steps=12.5)
+  for t in (0, 3, 6.25, 12, 12.5, 20):
+    np.testing.assert_allclose(float(a(t)), cosine_ref(t, 0.99, 1.0, 12.5),
+                               atol=2e-7)
+  assert jepa_ema.linear_momentum(total_steps=10) == jepa_ema.linear_momentum(
+      total_steps=10.0)
+
+
+# ------------------------------------------------------------ horizon tools
+
+BASES = {
+    "constant": jepa_ema.constant_momentum(0.99),
+    "cosine": jepa_ema.cosine_momentum(0.99, 1.0, total_steps=400),
+    "linear": jepa_ema.linear_momentum(0.99, 1.0, total_steps=400),
+    "warmup": jepa_ema.warmup_momentum(0.999, power=3 / 4),
+    "optax": optax.linear_schedule(0.9, 0.999, 300),
+}
+REFS = {
+    "constant": lambda t: 0.99,
+    "cosine": lambda t: cosine_ref(t, 0.99, 1.0, 400),
+    "linear": lambda t: linear_ref(t, 0.99, 1.0, 400),
+    "warmup": lambda t: warmup_ref(t, 0.999, 0.0, 1.0, 3 / 4, 0),
+    "optax": lambda t: 0.9 + (0.999 - 0.9) * min(max(t, 0), 300) / 300,
+}
+
+
+@pytest.mark.parametrize("name", list(BASES))
+@pytest.mark.parametrize("kappa", [0.5, 1 / 3, 2.0, 4.0, 2.5])
+def test_scale_momentum_closed_form(name, kappa, maybe_jit):
+  scaled = jepa_ema.scale_momentum(BASES[name], kappa)
+  f = maybe_jit(scaled)
+  for t in [0, 1, 2, 3, 7, 50, 99, 100, 101, 160, 399, 1000]:
+    want = REFS[name](kappa * t) ** kappa  # kappa * t is fractional here
+    got = float(f(jnp.asarray(t, jnp.int32)))
+    # float32: m within 1 ulp, m**kappa amplifies (1 - m)'s relative error.
+    np.testing.assert_allclose(got, want, rtol=0, atol=4e-7 * max(kappa, 1))
+    assert np.asarray(f(jnp.asarray(t))).dtype == np.float32
+
+
+def test_scale_momentum_identity_and_ends():
+  base = jepa_ema.cosine_momentum(total_steps=100)
+  assert jepa_ema.scale_momentum(base, 1) is base
+  assert jepa_ema.scale_momentum(0.9, 1.0) == jepa_ema.constant_momentum(0.9)
+  for kappa in (0.25, 3.0, 1000.0):
+    assert float(jepa_ema.scale_momentum(1.0, kappa)(7)) == 1.0
+    assert float(jepa_ema.scale_momentum(0.0, kappa)(7)) == 0.0
+  # Equal schedules are equal (no recompile of a jit closing over them).
+  assert jepa_ema.scale_momentum(base, 2) == jepa_ema.scale_momentum(base, 2.0)
+
+
+@pytest.mark.parametrize("kappa", [0.0, -2.0, math.inf, math.nan])
+def test_scale_momentum_bad_kappa(kappa):
+  with pytest.raises(ValueError, match="kappa"):
+    jepa_ema.scale_momentum(0.99, kappa)
+
+
+def test_scale_momentum_bad_types():
+  with pytest.raises(TypeError, match="kappa"):
+    jepa_ema.scale_momentum(0.99, "2")
+  with pytest.raises(ValueError, match="momentum"):
+    jepa_ema.scale_momentum(1.5, 2.0)
+
+
+@settings(max_examples=40)
+@given(m=st.floats(0.5, 0.9999), n=st.integers(1, 60),
+       kappa=st.sampled_from([0.25, 0.5, 2, 3, 4]))
+def test_scaling_rule_identity(m, n, kappa):
+  """For a constant online target, kappa*n steps at m land where n steps at
+  scale_momentum(m, kappa) land: the rule's defining identity."""
+  if (kappa * n) % 1:
+    n = n * 4  # kappa * n must be a whole number of reference steps
+  online = np.float64(1.0)
+  ref = 0.0
+  for t in range(int(kappa * n)):
+    ref = m * ref + (1 - m) * online
+  scaled = jepa_ema.scale_momentum(m, kappa)
+  ours = jnp.float32(0.0)
+  for t in range(n):
+    ours = jepa_ema.ema_update(ours, jnp.float32(online), t, scaled)
+  np.testing.assert_allclose(float(ours), ref, rtol=0, atol=2e-5)
+  # In closed form, exactly the same weight on the old target.
+  np.testing.assert_allclose(float(scaled(0)) ** n, m ** (kappa * n),
+                             rtol=2e-5 * n)
+
+
+@pytest.mark.parametrize("halflife", [1.0, 10.0, 693.1, 2.5e5])
+def test_halflife_closed_form(halflife, maybe_jit):
+  s = maybe_jit(jepa_ema.halflife_momentum(halflife))
+  for t in (0, 1, 1000):
+    np.testing.assert_allclose(float(s(t)), 0.5 ** (1 / halflife),
+                               rtol=0, atol=1.2e-7)
+  # The defining property: after `halflife` steps the old weight halves (up
+  # to float32's resolution of m near 1: half an ulp of 1, times halflife).
+  np.testing.assert_allclose(float(s(0)) ** halflife, 0.5,
+                             rtol=1e-6 + 3e-8 * halflife)
+
+
+def edm_beta(cur_nimg, batch_size, halflife_kimg, rampup_ratio):
+  """EDM / EDM2 (training_loop.py): the EMA beta, cur_nimg counted before
+  the update as EDM2 does (incremented first)."""
+  ema_halflife_nimg = halflife_kimg * 1000
+  if rampup_ratio is not None:
+    ema_halflife_nimg = min(ema_halflife_nimg, cur_nimg * rampup_ratio)
+  return 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
+
+
+@pytest.mark.parametrize("batch,kimg,ratio", [(512, 500, 0.05),
+                                              (64, 10, 0.05), (8, 2, 0.5)])
+def test_halflife_rampup_matches_edm(batch, kimg, ratio, maybe_jit):
+  s = maybe_jit(jepa_ema.halflife_momentum(kimg * 1000 / batch, rampup=ratio))
+  for t in [0, 1, 2, 10, 100, 999, 10_000, 100_000]:
+    want = edm_beta((t + 1) * batch, batch, kimg, ratio)
+    np.testing.assert_allclose(float(s(t)), want, rtol=0, atol=2e-7)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(halflife=0.0), "halflife"), (dict(halflife=-1.0), "halflife"),
+    (dict(halflife=math.inf), "halflife"),
+    (dict(halflife=10.0, rampup=0.0), "rampup")])
+def test_halflife_bad(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    jepa_ema.halflife_momentum(**kwargs)
+
+
+def test_horizon_schedules_compile_once():
+  for schedule in (jepa_ema.halflife_momentum(100.0, rampup=0.05),
+                   jepa_ema.scale_momentum(
+                       jepa_ema.cosine_momentum(total_steps=50), 2.0),
+                   jepa_ema.power_momentum(sigma_rel=0.1)):
+    traces = []
+
+    @jax.jit
+    def f(step):
+      traces.append(1)
+      return schedule(step)
+
+    for step in range(5):
+      f(jnp.asarray(step, jnp.int32))
+    assert len(traces) == 1
+    np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(4)),
+                               [schedule(t) for t in range(4)], atol=0)
+
+
+def timm_decay(step, decay, min_decay, update_after_step, gamma, power):
+  """timm ModelEmaV3.get_decay (use_warmup=True); timm calls update with
+  step = num_updates after incrementing it, i.e. our EmaState.step + 1.
+  ema-pytorch's EMA.get_current_decay gives the same numbers."""
+  step = max(0, step - update_after_step - 1)
+  if step <= 0:
+    return 0.0
+  d = 1 - (1 + step / gamma) ** -power
+  return max(min(d, decay), min_decay)
+
+
+@pytest.mark.parametrize("u,mn", [(0, 0.0), (5, 0.0), (10, 0.9), (3, 0.5)])
+def test_timm_port_from_readme(u, mn):
+  """The README's exact port of timm ModelEmaV3 / ema-pytorch."""
+  warm = jepa_ema.warmup_momentum(0.9999, mn, 1.0, 3 / 4, start_step=u)
+  timm = lambda t: jnp.where(t <= u, 0.0, warm(t))  # noqa: E731
+  for t in range(0, 60):
+    np.testing.assert_allclose(float(timm(t)),
+                               timm_decay(t + 1, 0.9999, mn, u, 1.0, 3 / 4),
+                               rtol=0, atol=2e-7)
+  if mn > 0:  # warmup_momentum alone cannot copy the first u + 1 updates
+    assert float(warm(0)) == np.float32(mn)
+
+
+# -------------------------------------------------------- power-function EMA
+
+
+@pytest.mark.parametrize("gamma", [0.5, 6.94, 16.97, 50.0])
+def test_sigma_gamma_round_trip_and_eq_123(gamma):
+  sigma = jepa_ema.gamma_to_sigma_rel(gamma)
+  # eq. 123, by hand: sigma^2 = (g+1) / ((g+2)^2 (g+3))
+  assert sigma ** 2 == pytest.approx((gamma + 1) / ((gamma + 2) ** 2
+                                                    * (gamma + 3)), rel=1e-15)
+  back = jepa_ema.sigma_rel_to_gamma(sigma)
+  assert back == pytest.approx(gamma, rel=1e-13)
+  # eq. 126: the cubic vanishes at the root.
+  t = sigma ** -2
+  assert abs(back ** 3 + 7 * back ** 2 + (16 - t) * back + 12 - t) < 1e-9 * t
+
+
+def test_edm2_published_pairs():
+  # EDM2 (sec. 3): sigma_rel 0.05 <-> gamma 16.97, 0.10 <-> 6.94.
+  assert round(jepa_ema.sigma_rel_to_gamma(0.05), 2) == 16.97
+  assert round(jepa_ema.sigma_rel_to_gamma(0.10), 2) == 6.94
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, math.sqrt(1 / 12), 0.5, math.nan])
+def test_sigma_rel_out_of_range(bad):
+  with pytest.raises(ValueError, match="sigma_rel"):
+    jepa_ema.sigma_rel_to_gamma(bad)
+  with pytest.raises(ValueError, match="sigma_rel"):
+    jepa_ema.power_momentum(sigma_rel=bad)
+
+
+def test_power_momentum_closed_form_and_args(maybe_jit):
+  s = jepa_ema.power_momentum(gamma=6.94)
+  f = maybe_jit(s)
+  for t in [0, 1, 2, 10, 1000, 10**6]:
+    want = (1 - 1 / (t + 1)) ** (6.94 + 1)  # EDM2's beta with t_next = t + 1
+    np.testing.assert_allclose(float(f(t)), want, rtol=0, atol=3e-7)
+  assert float(f(0)) == 0.0  # update 0 copies the online params
+  assert s.sigma_rel == pytest.approx(jepa_ema.gamma_to_sigma_rel(6.94))
+  assert jepa_ema.power_momentum(sigma_rel=0.1) == jepa_ema.power_momentum(
+      gamma=jepa_ema.sigma_rel_to_gamma(0.1))
+  for kwargs in ({}, dict(sigma_rel=0.1, gamma=7.0)):
+    with pytest.raises(ValueError, match="exactly one"):
+      jepa_ema.power_momentum(**kwargs)
+  for bad in (0.0, -1.0):
+    with pytest.raises(ValueError, match="gamma"):
+      jepa_ema.power_momentum(gamma=bad)
+
+
+def test_power_ema_averages_with_tau_to_the_gamma():
+  """After n updates the power EMA is sum_tau w_tau x_tau with w ~ tau^gamma
+  (the discrete profile EDM2 approximates); checked in float64."""
+  gamma, n = 3.0, 200
+  s = jepa_ema.power_momentum(gamma=gamma)
+  xs = np.random.default_rng(0).normal(size=n)
+  target = 0.0
+  for t in range(n):
+    m = float(s(t))
+    target = m * target + (1 - m) * xs[t]
+  w = np.array([(1 - float(s(t))) * np.prod([float(s(k)) for k in
+                                             range(t + 1, n)])
+                for t in range(n)])
+  np.testing.assert_allclose(target, w @ xs, rtol=1e-5)
+  tau = np.arange(1, n + 1)
+  np.testing.assert_allclose(w / w.sum(), tau ** gamma / np.sum(tau ** gamma),
+                             atol=0.02 * np.max(w))
+
+
+@pytest.mark.standard_promotion  # optax internals
+@pytest.mark.parametrize("schedule", [
+    jepa_ema.scale_momentum(jepa_ema.cosine_momentum(0.9, 1.0,
+                                                     total_steps=20), 2.0),
+    jepa_ema.halflife_momentum(3.0, rampup=0.5),
+    jepa_ema.power_momentum(sigma_rel=0.1)], ids=["scale", "halflife", "power"])
+@pytest.mark.parametrize("every", [1, 3])
+def test_horizon_schedules_drive_ema_and_track_ema(schedule, every):
+  """The new schedules as the momentum of ema / track_ema, also every=k
+  (product momentum over the window), against a float64 reference."""
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.zeros(4)}
+  online = [rng.normal(size=4) for _ in range(12)]
+  ref = np.zeros(4)
+  for t, x in enumerate(online):
+    if t % every == every - 1:
+      m = np.prod([float(schedule(k)) for k in range(t - every + 1, t + 1)])
+      ref = m * ref + (1 - m) * x
+  ema = jepa_ema.ema(schedule, every=every)
+  state = ema.init(params)
+  tx = optax.chain(optax.sgd(1.0), jepa_ema.track_ema(schedule, every=every))
+  opt_state, p = tx.init(params), params
+  update = jax.jit(ema.update)
+  for x in online:
+    state = update({"w": jnp.asarray(x, jnp.float32)}, state)
+    grads = jax.tree.map(lambda a, b: a - b, p, {"w": jnp.asarray(x, jnp.float32)})
+    updates, opt_state = tx.update(grads, opt_state, p)
+    p = optax.apply_updates(p, updates)
+  np.testing.assert_allclose(state.target["w"], ref, atol=2e-5)
+  np.testing.assert_allclose(jepa_ema.get_target(opt_state)["w"], ref,
+                             atol=2e-5)
