@@ -227,8 +227,8 @@ def posthoc_reconstruct(snapshots: Iterable[Snapshot] | str | os.PathLike, *,
                            sigma_rel=sigma_rel, step=step)
   acc = None
   structure = None
-  out_dtypes = None
-  last = None
+  out_dtypes: list[Any] = []
+  others: list[Any] = []  # the last snapshot's non-floating leaves
   for i, ((s, r, target), w) in enumerate(zip(items, x)):
     tree = target() if callable(target) else target
     if structure is None:
@@ -240,15 +240,21 @@ def posthoc_reconstruct(snapshots: Iterable[Snapshot] | str | os.PathLike, *,
           f"snapshot #{i} (step {s}, sigma_rel {r}) has a different tree "
           f"structure from snapshot #0:\n  {jax.tree.structure(tree)}\n  vs "
           f"{structure}")
-    floats = jax.tree.map(lambda v: v if _is_float(v) else None, tree)
-    wj = jnp.float64(w) if jax.config.jax_enable_x64 else jnp.float32(w)
+    leaves = jax.tree.leaves(tree)
+    del tree
+    others = [None if _is_float(v) else v for v in leaves]
+    floats = [v if _is_float(v) else None for v in leaves]
+    del leaves
+    wj = jnp.float32(w)
     acc = _scaled(floats, wj) if acc is None else _axpy(acc, floats, wj)
-    last = tree
-    del tree, floats
-  leaves = jax.tree.leaves(last)
+    del floats
+    # Finish before loading the next one: async dispatch would otherwise
+    # keep this snapshot's buffers alive while the next one loads.
+    acc = jax.block_until_ready(acc)
+  assert structure is not None
   acc_leaves = iter(jax.tree.leaves(acc))
-  out = [next(acc_leaves).astype(dt) if _is_float(leaf) else leaf
-         for leaf, dt in zip(leaves, out_dtypes)]
+  out = [next(acc_leaves).astype(dt) if other is None else other
+         for other, dt in zip(others, out_dtypes)]
   return jax.tree.unflatten(structure, out)
 
 
