@@ -38,7 +38,7 @@ the online encoder) the representation collapses.
 
 Usage::
 
-  python examples/ijepa_digits.py                 # 1500 steps per run
+  python examples/ijepa_digits.py                 # 3000 steps per run
   python examples/ijepa_digits.py --quick         # CI smoke run
   python examples/ijepa_digits.py --momentum cosine --checkpoint-dir /tmp/ck
   python examples/ijepa_digits.py --sweep --seeds 0 1 2 --out-dir docs
@@ -77,7 +77,7 @@ SWEEP_MOMENTA = ("0.0", "0.9", "0.99", "0.996", "0.999", "0.9999", "1.0",
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  steps: int = 1500
+  steps: int = 3000
   batch_size: int = 128
   lr: float = 3e-3
   weight_decay: float = 0.05
@@ -91,11 +91,19 @@ class Config:
   context: int = 6       # context patches, drawn from those outside the target
   target_block: int = 2  # the target is one target_block x target_block block
   chunk: int = 100       # train steps per compiled call (lax.scan)
+  # Widths (sigma_rel) of extra power-function EMAs of the context encoder,
+  # for post-hoc EMA (examples/posthoc_digits.py); none in the demo.
+  track: tuple[float, ...] = ()
   momentum: str = "0.996"
   seed: int = 0
 
-  def schedule(self, momentum: str | None = None) -> jepa_ema.Schedule:
+  def schedule(self, momentum: str | jepa_ema.Schedule | None = None
+               ) -> jepa_ema.Schedule:
+    """``momentum`` (default: the config's): a schedule, or a spec string:
+    'cosine', 'linear' or a float."""
     spec = self.momentum if momentum is None else momentum
+    if callable(spec):
+      return spec
     if spec == "cosine":  # BYOL / DINO
       return jepa_ema.cosine_momentum(0.996, 1.0, total_steps=self.steps)
     if spec == "linear":  # I-JEPA
@@ -111,7 +119,8 @@ class Config:
     except ValueError as e:
       raise SystemExit(f"--momentum: {e}") from None
 
-  def momenta(self, momentum: str | None = None) -> np.ndarray:
+  def momenta(self, momentum: str | jepa_ema.Schedule | None = None
+              ) -> np.ndarray:
     """The schedule's momentum at every step, float32 ``(steps,)``."""
     return np.asarray(self.schedule(momentum)(jnp.arange(self.steps)),
                       np.float32)
@@ -244,6 +253,7 @@ class TrainState(NamedTuple):
   ema: jepa_ema.EmaState  # EMA of params["encoder"]: the target encoder
   rng: jax.Array          # raw uint32 key (checkpoint-friendly)
   curves: dict[str, jax.Array]
+  tracked: tuple = ()     # power EMAs of params["encoder"] (Config.track)
 
 
 class Model(NamedTuple):
@@ -271,6 +281,9 @@ def build(cfg: Config) -> Model:
       end_value=cfg.lr / 100)
   tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
   n_tgt = cfg.target_block ** 2
+  tracked_ema = jepa_ema.ema(tuple(
+      jepa_ema.power_momentum(sigma_rel=s) for s in cfg.track)) if cfg.track \
+      else None
 
   def ema_of(momenta: jax.Array) -> jepa_ema.EmaTransformation:
     # Any callable step -> momentum is a schedule: here a lookup in the
@@ -293,8 +306,10 @@ def build(cfg: Config) -> Model:
               "drift": jnp.full(cfg.steps, jnp.nan),
               "emb_std": jnp.full(len(curve_steps(cfg)), jnp.nan)}
     ema = ema_of(jnp.zeros(1)).init(params["encoder"])
+    tracked = (tracked_ema.init(params["encoder"]) if tracked_ema is not None
+               else ())
     return TrainState(jnp.zeros([], jnp.int32), params, tx.init(params), ema,
-                      k_run, curves)
+                      k_run, curves, tracked)
 
   def loss_fn(params, target_params, x, ctx_idx, tgt_idx):
     target = encoder.apply({"params": target_params}, x)
@@ -327,8 +342,10 @@ def build(cfg: Config) -> Model:
                   momenta[jnp.minimum(state.ema.step, momenta.shape[0] - 1)]),
               "drift": state.curves["drift"].at[at].set(
                   new_ema.drift["global"])}
+    tracked = (tracked_ema.update(params["encoder"], state.tracked)
+               if tracked_ema is not None else ())
     return TrainState(state.step + 1, params, opt_state, new_ema, state.rng,
-                      curves), loss
+                      curves, tracked), loss
 
   @functools.partial(jax.jit, static_argnames="length", donate_argnums=0)
   def train_chunk(state: TrainState, momenta: jax.Array, x_train: jax.Array,
@@ -504,10 +521,14 @@ class Checkpointer:
 
 def train_run(name: str, cfg: Config, momentum: str, data: dict,
               ckpt_dir: pathlib.Path | None = None, ckpt_every: int = 250,
-              progress: bool = True, step_delay: float = 0.0
-              ) -> dict[str, Any]:
-  """Trains one run (``momentum``: a ``--momentum`` spec) and evaluates its
-  frozen target encoder."""
+              progress: bool = True, step_delay: float = 0.0,
+              on_chunk: Callable[[TrainState], None] | None = None,
+              keep_state: bool = False) -> dict[str, Any]:
+  """Trains one run and evaluates its frozen target encoder.
+
+  ``momentum`` is a ``--momentum`` spec or a schedule; ``on_chunk(state)`` is
+  called after every compiled call; ``keep_state`` returns the final state
+  under ``"state"``."""
   from tqdm.auto import tqdm
 
   model = build(shared_key(cfg))
@@ -517,8 +538,9 @@ def train_run(name: str, cfg: Config, momentum: str, data: dict,
   state = model.init_state(cfg.seed)
   checkpointer = None
   if ckpt_dir is not None:
-    fingerprint = {**dataclasses.asdict(cfg), "momentum": momentum,
-                   "run": name}
+    fingerprint = json.loads(json.dumps(  # as it reads back from disk
+        {**dataclasses.asdict(cfg), "momentum": momentum, "run": name},
+        default=repr))
     checkpointer = Checkpointer(ckpt_dir / name, ckpt_every, fingerprint)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -558,6 +580,8 @@ def train_run(name: str, cfg: Config, momentum: str, data: dict,
     bar.set_postfix(loss=f"{float(losses[-1]):.4f}",
                     momentum=f"{float(momenta[step - 1]):.4f}", refresh=False)
     bar.update(stop - bar.n)
+    if on_chunk is not None:
+      on_chunk(state)
     if checkpointer is not None and step < cfg.steps:
       checkpointer.maybe_save(state)  # the last step is saved with its curves
     if step_delay:
@@ -570,7 +594,7 @@ def train_run(name: str, cfg: Config, momentum: str, data: dict,
   z_train = np.asarray(model.embed(state.ema.target, x_train))
   z_test = np.asarray(model.embed(state.ema.target,
                                   jnp.asarray(data["x_test"])))
-  return {
+  result = {
       "metrics": evaluate(z_train, z_test, data["y_train"], data["y_test"],
                           cfg.seed),
       "curves": {k: np.asarray(v).tolist() for k, v in state.curves.items()},
@@ -583,6 +607,9 @@ def train_run(name: str, cfg: Config, momentum: str, data: dict,
       "final_state_sha256": _tree_digest(state._replace(curves={})),
       "train_seconds": train_seconds,
   }
+  if keep_state:
+    result["state"] = state
+  return result
 
 
 def _optimizer_count(opt_state: Any) -> int:
@@ -592,13 +619,20 @@ def _optimizer_count(opt_state: Any) -> int:
   return counts[0] if counts else -1
 
 
+def encoder_metrics(cfg: Config, enc_params: Any, data: dict
+                    ) -> dict[str, float]:
+  """:func:`evaluate` of any encoder's parameters (same architecture)."""
+  model = build(shared_key(cfg))
+  return evaluate(
+      np.asarray(model.embed(enc_params, jnp.asarray(data["x_train"]))),
+      np.asarray(model.embed(enc_params, jnp.asarray(data["x_test"]))),
+      data["y_train"], data["y_test"], cfg.seed)
+
+
 def random_init_metrics(cfg: Config, data: dict) -> dict[str, float]:
   """The evaluation of the target encoder before training (its init)."""
   model = build(shared_key(cfg))
-  rand = model.init_state(cfg.seed).ema.target
-  return evaluate(np.asarray(model.embed(rand, jnp.asarray(data["x_train"]))),
-                  np.asarray(model.embed(rand, jnp.asarray(data["x_test"]))),
-                  data["y_train"], data["y_test"], cfg.seed)
+  return encoder_metrics(cfg, model.init_state(cfg.seed).ema.target, data)
 
 
 # ----------------------------------------------------------------------- plots
@@ -758,7 +792,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--steps", type=int, default=None,
-                 help="training steps per run (default 1500; 150 --quick)")
+                 help="training steps per run (default 3000; 150 --quick;\n"
+                 "1500 --sweep)")
   p.add_argument("--momentum", default="0.996",
                  help="'cosine' (BYOL), 'linear' (I-JEPA) or a float")
   p.add_argument("--quick", action="store_true",
@@ -784,8 +819,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                  help=argparse.SUPPRESS)  # tests: slow down to kill mid-run
   args = p.parse_args(argv)
 
-  steps = args.steps if args.steps is not None else (150 if args.quick
-                                                      else 1500)
+  steps = args.steps if args.steps is not None else (
+      150 if args.quick else 1500 if args.sweep else 3000)
   if steps < 1:
     p.error("--steps must be >= 1")
   if args.checkpoint_every < 1:

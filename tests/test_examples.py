@@ -161,17 +161,74 @@ def test_recipe(name, capsys):
   assert result
 
 
-def test_target_masks_are_blocks_with_context_left():
+def test_masks_are_a_block_and_random_context():
   import jax
-  import jax.numpy as jnp
   demo = load("ijepa_digits.py")
-  one = np.asarray(demo["sample_target_masks"](jax.random.key(0), 512, 1))
-  counts = one.sum(1)
-  assert one.shape == (512, 16) and counts.min() >= 4 and counts.max() <= 9
-  assert set(np.unique(counts)) <= {4, 6, 9}  # h x w with h, w in {2, 3}
-  grid = one.reshape(-1, 4, 4)
-  rows, cols = grid.any(2).sum(1), grid.any(1).sum(1)
-  np.testing.assert_array_equal(rows * cols, counts)  # a filled rectangle
-  many = np.asarray(demo["sample_target_masks"](jax.random.key(1), 512, 6))
-  assert many.sum(1).max() <= 15  # at least one context token
-  assert (many.sum(1) > counts).mean() > 0.5  # unions grow
+  ctx, tgt = (np.asarray(a) for a in demo["sample_masks"](
+      jax.random.key(0), 2048, 6, 2))
+  assert ctx.shape == (2048, 6) and tgt.shape == (2048, 4)
+  rows, cols = np.divmod(tgt, 4)
+  # The target is a 2x2 block of patches ...
+  assert np.all(rows.max(1) - rows.min(1) == 1)
+  assert np.all(cols.max(1) - cols.min(1) == 1)
+  assert np.all([len(set(t)) == 4 for t in tgt])
+  # ... every one of the 9 positions occurs, and the 6 context patches are
+  # distinct, outside the target, and cover all 12 others evenly.
+  assert len({(r, c) for r, c in zip(rows.min(1), cols.min(1))}) == 9
+  for c, t in zip(ctx, tgt):
+    assert len(set(c)) == 6 and not set(c) & set(t)
+  outside = np.array([[k not in t for k in range(16)] for t in tgt])
+  picked = np.array([[k in c for k in range(16)] for c in ctx])
+  np.testing.assert_allclose(picked.sum() / outside.sum(), 0.5)
+  frac = picked.sum(0) / outside.sum(0)
+  assert np.all(np.abs(frac - 0.5) < 0.06), frac
+  with pytest.raises(ValueError, match="context"):
+    demo["sample_masks"](jax.random.key(0), 4, 13, 2)
+
+
+def _labels(n_per_class=40, seed=0):
+  y = np.repeat(np.arange(10), n_per_class)
+  return np.random.default_rng(seed).permutation(y)
+
+
+def test_evaluation_separable_embeddings_score_100():
+  demo = load("ijepa_digits.py")
+  rng = np.random.default_rng(0)
+  y_tr, y_te = _labels(40, 0), _labels(10, 1)
+  centers = rng.normal(size=(10, 32)) * 10
+  z_tr = centers[y_tr] + rng.normal(size=(len(y_tr), 32))
+  z_te = centers[y_te] + rng.normal(size=(len(y_te), 32))
+  m = demo["evaluate"](z_tr, z_te, y_tr, y_te)
+  for key in ("knn5", "1shot", "5shot", "linear"):
+    assert m[key] == 1.0, (key, m)
+  assert m["eff_rank"] > 5
+
+
+def test_evaluation_constant_embeddings_are_chance_and_rank_one():
+  demo = load("ijepa_digits.py")
+  y_tr, y_te = _labels(40, 0), _labels(10, 1)
+  z_tr, z_te = np.ones((len(y_tr), 16)), np.ones((len(y_te), 16))
+  m = demo["evaluate"](z_tr, z_te, y_tr, y_te)
+  for key in ("knn5", "1shot", "5shot", "linear"):
+    assert m[key] <= 0.15, (key, m)  # chance: 0.10
+  assert m["eff_rank"] == pytest.approx(1.0, abs=1e-6)
+  assert m["emb_std"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_evaluation_is_rotation_invariant():
+  """A random rotation (and a rescaling) of the embedding space changes no
+  score: nothing in the evaluation depends on the basis."""
+  demo = load("ijepa_digits.py")
+  data = demo["load_data"]()
+  rng = np.random.default_rng(0)
+  proj = rng.normal(size=(64, 24))  # a weak random-feature encoder
+  z_tr = np.tanh(data["pix_train"] @ proj / 8)
+  z_te = np.tanh(data["pix_test"] @ proj / 8)
+  q, _ = np.linalg.qr(rng.normal(size=(24, 24)))
+  a = demo["evaluate"](z_tr, z_te, data["y_train"], data["y_test"], seed=3)
+  b = demo["evaluate"](3.0 * z_tr @ q, 3.0 * z_te @ q, data["y_train"],
+                       data["y_test"], seed=3)
+  assert 0.3 < a["knn5"] < 1.0  # a non-trivial case
+  for key in a:
+    assert b[key] == pytest.approx(a[key], abs=1 / 360 if key in (
+        "1shot", "5shot", "linear") else 1e-9), key
