@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo test bench clean
+.PHONY: demo sweep experiments test bench device-check clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ $(VENV)/.bench: $(VENV)/.created pyproject.toml
 	$(PIP) install -e ".[bench]"
 	touch $@
 
-demo: $(VENV)/.examples  ## run the main example: a tiny I-JEPA on digits (~2-3 min)
+demo: $(VENV)/.examples  ## run the main example: a tiny I-JEPA on digits (~2 min)
 	$(PY) examples/ijepa_digits.py
+
+sweep: $(VENV)/.examples  ## momentum sweep, 3 seeds -> docs/momentum_sweep.{png,json} (~15 min)
+	$(PY) examples/ijepa_digits.py --sweep --seeds 0 1 2 --out-dir docs
+
+experiments: $(VENV)/.examples  ## EMA Scaling Rule and post-hoc EMA experiments -> docs/ (~15 min)
+	$(PY) examples/batch_scaling.py --out-dir docs
+	$(PY) examples/posthoc_digits.py --out-dir docs
 
 test: $(VENV)/.test  ## run the whole test suite (doctests included)
 	$(PY) -m pytest -q
@@ -34,6 +41,10 @@ bench: $(VENV)/.bench  ## run the speed/memory benchmarks (~20 min)
 	  --markdown benchmarks/results.md
 	$(PY) benchmarks/options_bench.py --json benchmarks/options_results.json \
 	  --markdown benchmarks/options_results.md --plot docs/options_every.png
+	$(PY) benchmarks/posthoc_bench.py --json benchmarks/posthoc_results.json
+
+device-check: $(VENV)/.bench  ## the accelerator check (one command, ~5 min): results/device_check.{json,md}
+	$(PY) benchmarks/device_check.py --out results --budget-s 300
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

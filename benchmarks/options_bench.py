@@ -10,7 +10,8 @@ round; ``ema(...).jit()``, state donated, as a user calls it):
   per parameter, if the compiler reads the params once). Run twice, in child
   processes: with XLA's default CPU flags and with
   ``--xla_backend_extra_options=xla_cpu_use_multi_output_fusion=true``;
-* ``drift=True``: against the plain update, and against the plain update
+* ``drift=True`` / ``drift=10`` / ``drift=100`` (mean per step over whole
+  intervals): against the plain update, and against the plain update
   followed by a separate jitted pass that computes the same norms;
 * bfloat16 targets: float32 target of bfloat16 params (``dtype=float32``),
   bfloat16 target rounded to nearest, bfloat16 target rounded stochastically.
@@ -117,6 +118,10 @@ def speed_variants(tree: str, section: str) -> dict[str, Callable[[], None]]:
   dispatch_floor.calls = 1
   out["dispatch floor: jit returning the state"] = dispatch_floor
   stateful("drift=True", jepa_ema.ema(MOMENTA[1], drift=True), online)
+  stateful("drift=10, mean per step", jepa_ema.ema(MOMENTA[1], drift=10),
+           online, calls=10)
+  stateful("drift=100, mean per step", jepa_ema.ema(MOMENTA[1], drift=100),
+           online, calls=100)
 
   from jepa_ema import update as _update
   norms = jax.jit(_update._relative_distance)

@@ -22,6 +22,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -171,7 +172,7 @@ def _scaled(tree: PyTree, w: jax.Array) -> PyTree:
       tree)
 
 
-@jax.jit
+@functools.partial(jax.jit, donate_argnums=0)  # the accumulator, in place
 def _axpy(acc: PyTree, tree: PyTree, w: jax.Array) -> PyTree:
   return jax.tree.map(
       lambda a, x: a + x.astype(a.dtype) * w.astype(a.dtype), acc, tree)

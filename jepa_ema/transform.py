@@ -37,9 +37,10 @@ class EmaState(NamedTuple):
       leaves in the ``dtype`` the transformation was built with).
     skipped: int32 scalar, how many updates were skipped because the params
       held NaN/Inf (only with ``skip_nonfinite=True``; otherwise stays 0).
-    drift: with ``drift=True``, ``{"global": x, "per_module": {name: x}}``:
-      float32 scalars ``||target - params|| / ||params||`` after the last
-      update, over all floating leaves and per top-level entry of the
+    drift: with ``drift=True`` (or ``drift=N``), ``{"global": x,
+      "per_module": {name: x}}``: float32 scalars ``||target - params|| /
+      ||params||`` after the last update that computed them (every update,
+      or every N-th), over all floating leaves and per top-level entry of the
       params tree. ``None`` otherwise.
     key: with ``rounding="stochastic"``, the uint32 PRNG key data the
       rounding noise is derived from (with the step). ``None`` otherwise.
@@ -140,6 +141,19 @@ def _check_every(every: Any) -> int:
   return int(every)
 
 
+def _check_drift(drift: Any) -> int:
+  """``drift`` as the interval N of updates (0: off; True: 1)."""
+  if isinstance(drift, bool):
+    return int(drift)
+  if not isinstance(drift, (int, np.integer)):
+    raise TypeError(f"`drift` must be a bool or a positive int (compute it on "
+                    f"every N-th update), got {drift!r}.")
+  if drift < 1:
+    raise ValueError(f"`drift` must be True/False or an int >= 1 (compute it "
+                     f"on every N-th update), got {drift}.")
+  return int(drift)
+
+
 def _check_rounding(rounding: Any, dtype: Any) -> str:
   if rounding not in ("nearest", "stochastic"):
     raise ValueError(f"`rounding` must be 'nearest' or 'stochastic', got "
@@ -207,10 +221,26 @@ def _zero_drift(params: PyTree) -> dict[str, Any]:
       name: zero() for name in _update._drift_modules(params)}}
 
 
+def _next_drift(last: Any, target: PyTree, params: PyTree, step: jax.Array,
+                every: int, interval: int) -> Any:
+  """The drift after an update: recomputed on updates ``interval - 1``,
+  ``2 * interval - 1``, ... (counted from 0), ``last`` on the others."""
+  if interval == 0:
+    return last
+  if interval == 1:
+    return _update._relative_distance(target, params)
+  due = (step // every) % interval == interval - 1
+  if not isinstance(due, jax.core.Tracer):  # eager: a Python branch
+    return _update._relative_distance(target, params) if bool(due) else last
+  return jax.lax.cond(due, lambda: _update._relative_distance(target, params),
+                      lambda: last)
+
+
 def ema(momentum: _schedules.MomentumLike
         | Sequence[_schedules.MomentumLike], *, dtype: Any = None,
-        skip_nonfinite: bool = False, every: int = 1, drift: bool = False,
-        rounding: str = "nearest", key: Any = 0) -> EmaTransformation:
+        skip_nonfinite: bool = False, every: int = 1,
+        drift: bool | int = False, rounding: str = "nearest", key: Any = 0
+        ) -> EmaTransformation:
   """A stateful EMA of parameters: ``init(params)``, ``update(params, state)``.
 
   ``init`` copies the params (an EMA of weights starts at the weights, never
@@ -245,7 +275,11 @@ def ema(momentum: _schedules.MomentumLike
     ``state.drift``, computed in the same jitted computation as the update.
     Small: the target follows closely; near 1 or growing: it lags or the
     online encoder is moving fast. On non-update steps of ``every=k`` it
-    keeps the last value.
+    keeps the last value. ``drift=N`` (an int) computes it on every N-th
+    update only (updates N-1, 2N-1, ... counted from 0; a ``lax.cond`` on the
+    stored step, no recompilation) and keeps the last value in between: on
+    compilers that do not fuse the norms into the update (XLA:CPU) they are a
+    second read of both trees, and this makes their cost 1/N.
   * ``rounding="stochastic"`` (with a bfloat16 target: ``dtype=jnp.bfloat16``
     or bfloat16 params) blends in float32 and rounds each result up or down
     at random with the probability that makes it exact in expectation, so a
@@ -270,7 +304,8 @@ def ema(momentum: _schedules.MomentumLike
       the params (a reduction that must finish before the update).
     every: update the target on every ``every``-th step only, with the
       product of the momenta of the skipped steps (default 1: every step).
-    drift: keep ``||target - params|| / ||params||`` in ``state.drift``.
+    drift: keep ``||target - params|| / ||params||`` in ``state.drift``:
+      ``True`` after every update, an int ``N >= 1`` after every N-th.
     rounding: ``"nearest"`` (default) or ``"stochastic"``: the target's
       bfloat16 leaves are rounded stochastically (other leaves as usual).
     key: the seed (int) or ``jax.random.key`` of the stochastic rounding.
@@ -337,8 +372,7 @@ def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
   dtype = _check_dtype(dtype)
   if not isinstance(skip_nonfinite, bool):
     raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}.")
-  if not isinstance(drift, bool):
-    raise TypeError(f"`drift` must be a bool, got {drift!r}.")
+  drift = _check_drift(drift)  # 0: off; N: on every N-th update
   every = _check_every(every)
   stochastic = _check_rounding(rounding, dtype) == "stochastic"
   key_data, key_impl = _check_key(key) if stochastic else (None, None)
@@ -386,8 +420,8 @@ def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
       target = _update._blend_tree(state.target, params, m, seeds)
       out.append(state._replace(
           target=target, skipped=skipped.astype(jnp.int32),
-          drift=(_update._relative_distance(target, params) if drift
-                 else state.drift)))
+          drift=_next_drift(state.drift, target, params, step, every,
+                            drift)))
     return tuple(out)
 
   def update_lazy(get_params: Callable[[], PyTree],
@@ -433,7 +467,7 @@ def _as_states(state: Any, n: int, several: bool) -> tuple[EmaState, ...]:
 def track_ema(momentum: _schedules.MomentumLike
               | Sequence[_schedules.MomentumLike], *, dtype: Any = None,
               skip_nonfinite: bool = False, every: int = 1,
-              drift: bool = False, rounding: str = "nearest",
+              drift: bool | int = False, rounding: str = "nearest",
               key: Any = 0) -> optax.GradientTransformation:
   """An optax transformation that keeps an EMA of the updated params.
 
@@ -456,7 +490,8 @@ def track_ema(momentum: _schedules.MomentumLike
     skip_nonfinite: skip EMA steps whose new params hold NaN/Inf.
     every: update every ``every``-th step with the product momentum; the
       post-step params are then only computed on those steps.
-    drift: keep ``||target - params|| / ||params||`` in the state.
+    drift: keep ``||target - params|| / ||params||`` in the state (``True``:
+      every update; an int ``N``: every N-th update).
     rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 targets).
     key: the seed or key of the stochastic rounding.
 

@@ -55,3 +55,45 @@ def test_options_bench_accuracy_parts_run(options_bench):
     assert every[f"every={k}"]["final"] < every[f"skip k={k}"]["final"]
   stag = options_bench.stagnation(256, steps=100, m=0.99)
   assert abs(stag["float32 target mean"] - (1 - 0.99 ** 100)) < 1e-4
+
+
+DEVICE_CHECK = PATH.parent / "device_check.py"
+
+
+def test_device_check_tiny_runs_end_to_end(tmp_path):
+  """``device_check.py --tiny``: the accelerator script's code paths, on CPU,
+  in seconds; its JSON is complete and every ratio finite and positive (no
+  timing is asserted)."""
+  import json
+  import math
+  import os
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, str(DEVICE_CHECK), "--tiny", "--budget-s", "60",
+       "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  res = json.loads((tmp_path / "device_check.json").read_text())
+  assert (tmp_path / "device_check.md").read_text().startswith("# device_check")
+  assert res["skipped"] == []
+  assert set(res["trees"]) == {"tiny_a", "tiny_b"}
+  for tree in res["trees"].values():
+    for mode in ("f32", "bf16 params, f32 target"):
+      assert len(tree[mode]) == 5  # no torch GPU here
+      for row in tree[mode].values():
+        assert math.isfinite(row["vs roofline"]) and row["vs roofline"] > 0
+  for key, value in res["blocked"].items():
+    assert math.isfinite(value) and value > 0, key
+  for row in res["structure"].values():
+    assert row["traces over 5 steps"] == 1
+    assert row["donated target in place"] is True
+
+
+def test_device_check_vit_g_is_a_billion_parameters():
+  spec = importlib.util.spec_from_file_location("device_check", DEVICE_CHECK)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  n = module.n_params(module.shapes(module.TREES["vit_g14"]))
+  assert 0.9e9 < n < 1.1e9
+  assert module.n_params(module.shapes(module.TREES["vit_b16"])) == 85_798_656

@@ -241,6 +241,54 @@ def test_drift_matches_float64_after_each_update(every, maybe_jit):
   assert 0.0 < float(state.drift["global"]) < 1.0
 
 
+@pytest.mark.parametrize("every,interval", [(1, 4), (3, 2), (1, 1)])
+def test_drift_every_n_updates(every, interval, maybe_jit):
+  """drift=N: the float64 reference on updates N-1, 2N-1, ... (counted from
+  0), the last value kept unchanged (bitwise) on the others."""
+  seq = params_seq(14)
+  ema = jepa_ema.ema(jepa_ema.linear_momentum(0.6, 0.9, total_steps=9),
+                     drift=interval, every=every)
+  update = maybe_jit(ema.update)
+  state = ema.init(seq[0])
+  kept = state.drift
+  computed = 0
+  for s, p in enumerate(seq):
+    state = update(p, state)
+    is_update = s % every == every - 1
+    if is_update and (s // every) % interval == interval - 1:
+      computed += 1
+      glob, per = drift64(state.target, p)
+      np.testing.assert_allclose(state.drift["global"], glob, rtol=1e-5)
+      for k, v in per.items():
+        np.testing.assert_allclose(state.drift["per_module"][k], v, rtol=1e-5)
+      kept = state.drift
+    else:
+      jax.tree.map(np.testing.assert_array_equal, state.drift, kept)
+  assert computed == len(seq) // (every * interval)
+
+
+def test_drift_every_n_compiles_once_and_validates():
+  traces = []
+  ema = jepa_ema.ema(0.9, drift=10)
+
+  def step(p, st):
+    traces.append(1)
+    return ema.update(p, st)
+
+  update = jax.jit(step, donate_argnums=1)
+  state = ema.init({"w": jnp.ones(3)})
+  for i in range(25):
+    state = update({"w": jnp.full(3, float(i))}, state)
+  assert len(traces) == 1
+  assert float(state.drift["global"]) > 0  # computed at updates 9 and 19
+  for bad, exc in ((0, ValueError), (-3, ValueError), (2.5, TypeError),
+                   ("10", TypeError)):
+    with pytest.raises(exc, match="drift"):
+      jepa_ema.ema(0.9, drift=bad)
+  with pytest.raises(ValueError, match="drift"):
+    jepa_ema.track_ema(0.9, drift=0)
+
+
 def test_drift_edge_cases():
   ema = jepa_ema.ema(0.5, drift=True)
   # a bare array: no modules; zero online norm: 0/0 -> 0, x/0 -> inf
