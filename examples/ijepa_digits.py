@@ -682,9 +682,10 @@ def plot(results: dict, cfg: Config, path: pathlib.Path) -> None:
     ax[1, 1].bar_label(bars, [f"{100 * v:.0f}" for v in vals], fontsize=6)
   ax[1, 1].set(title="test accuracy (%) of each frozen encoder",
                xticks=np.arange(len(METRIC_LABELS)) + 0.4 - width / 2,
-               xticklabels=list(METRIC_LABELS.values()), ylim=(0, 1.08))
-  for a in ax.flat:
+               xticklabels=list(METRIC_LABELS.values()), ylim=(0, 1.22))
+  for a in ax.flat[:3]:
     a.legend(fontsize=7)
+  ax[1, 1].legend(fontsize=7, ncol=2, loc="upper center")
   fig.suptitle(f"tiny I-JEPA on 8x8 digits, seed {cfg.seed}, {cfg.steps} "
                "steps", fontsize=10)
   fig.tight_layout()

@@ -380,7 +380,7 @@ def test_option_validation():
   with pytest.raises(TypeError, match="`every` must be a positive int"):
     jepa_ema.ema(0.9, every=2.0)
   with pytest.raises(TypeError, match="`drift` must be a bool"):
-    jepa_ema.ema(0.9, drift=1)
+    jepa_ema.ema(0.9, drift=1.0)  # drift=1 is drift=True (every update)
   with pytest.raises(ValueError, match="`rounding` must be 'nearest' or"):
     jepa_ema.ema(0.9, rounding="up")
   with pytest.raises(ValueError, match="needs dtype=jnp.bfloat16"):
