@@ -123,8 +123,8 @@ def speed_variants(tree: str, section: str) -> dict[str, Callable[[], None]]:
   stateful("drift=100, mean per step", jepa_ema.ema(MOMENTA[1], drift=100),
            online, calls=100)
 
-  from jepa_ema import update as _update
-  norms = jax.jit(_update._relative_distance)
+  from jepa_ema import _drift
+  norms = jax.jit(_drift.relative_distance)
   plain_update = plain.jit()
   box = [plain.init(ema_bench.jax_tree(tree, 2))]
 

@@ -10,6 +10,7 @@ generator of momenta, as in the I-JEPA / V-JEPA reference code).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -17,13 +18,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jepa_ema import _drift, _every, _kernel, _rounding
 from jepa_ema import schedules as _schedules
-from jepa_ema import update as _update
 
 __all__ = ["EmaState", "EmaTransformation", "ema", "track_ema", "get_target",
            "state_shardings"]
 
-PyTree = Any
+PyTree = _kernel.PyTree
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -113,9 +114,9 @@ def _check_dtype(dtype: Any) -> Any:
 
 
 def _copy_leaf(x: Any, dtype: Any) -> Any:
-  if not _update._is_array_like(x):
+  if not _kernel.is_array_like(x):
     return x
-  if dtype is not None and _update._is_float_leaf(x):
+  if dtype is not None and _kernel.is_float_leaf(x):
     return jnp.array(x, dtype=dtype, copy=True)
   return jnp.array(x, copy=True)
 
@@ -126,114 +127,10 @@ def _all_finite(tree: PyTree) -> jax.Array:
   # bool temporary the size of the leaf.
   finite = [jnp.max(jnp.abs(jnp.asarray(x))) < jnp.inf
             for x in jax.tree.leaves(tree)
-            if _update._is_float_leaf(x) and jnp.size(x) > 0]
+            if _kernel.is_float_leaf(x) and jnp.size(x) > 0]
   if not finite:
     return jnp.array(True)
   return jnp.stack(finite).all()
-
-
-def _check_every(every: Any) -> int:
-  if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
-    raise TypeError(f"`every` must be a positive int, got {every!r}.")
-  if every < 1:
-    raise ValueError(f"`every` must be >= 1 (update the target on every "
-                     f"`every`-th step), got {every}.")
-  return int(every)
-
-
-def _check_drift(drift: Any) -> int:
-  """``drift`` as the interval N of updates (0: off; True: 1)."""
-  if isinstance(drift, bool):
-    return int(drift)
-  if not isinstance(drift, (int, np.integer)):
-    raise TypeError(f"`drift` must be a bool or a positive int (compute it on "
-                    f"every N-th update), got {drift!r}.")
-  if drift < 1:
-    raise ValueError(f"`drift` must be True/False or an int >= 1 (compute it "
-                     f"on every N-th update), got {drift}.")
-  return int(drift)
-
-
-def _check_rounding(rounding: Any, dtype: Any) -> str:
-  if rounding not in ("nearest", "stochastic"):
-    raise ValueError(f"`rounding` must be 'nearest' or 'stochastic', got "
-                     f"{rounding!r}.")
-  if rounding == "stochastic" and dtype is not None and dtype != jnp.bfloat16:
-    raise ValueError(
-        f"rounding='stochastic' rounds float32 results to a bfloat16 target; "
-        f"it needs dtype=jnp.bfloat16 (or dtype=None with bfloat16 params), "
-        f"got dtype={dtype}.")
-  return rounding
-
-
-def _check_key(key: Any) -> tuple[jax.Array, Any]:
-  """``(uint32 key data, impl)`` of an int seed or a PRNG key."""
-  if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
-    key = jax.random.key(int(key))
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype,
-                                                   jax.dtypes.prng_key):
-    if key.shape:
-      raise ValueError(f"`key` must be a single PRNG key, got shape "
-                       f"{key.shape}.")
-    return jax.random.key_data(key), jax.random.key_impl(key)
-  if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32:
-    return jnp.asarray(key), None  # raw (legacy jax.random.PRNGKey) key data
-  raise TypeError(f"`key` must be an int seed or a jax.random.key, got "
-                  f"{key!r}.")
-
-
-def _window_momentum(schedule: _schedules.Schedule, step: jax.Array,
-                     every: int) -> jax.Array:
-  """``prod(schedule(s))`` over the ``every`` steps that end at ``step``.
-
-  Computed as ``exp(sum(log1p(-(1 - m_s))))``: ``1 - m_s`` is exact in float32
-  for ``m_s >= 1/2`` and log1p keeps the small step sizes accurate, so the
-  effective momentum is within one float32 rounding of the exact product.
-  """
-  if every == 1:
-    return _update._resolve_momentum(schedule, step)
-  steps = step - (every - 1) + jnp.arange(every, dtype=jnp.int32)
-  ms = jnp.asarray(jax.vmap(schedule)(steps))
-  if ms.shape != (every,):
-    raise ValueError(f"the schedule {schedule!r} must return a scalar per "
-                     f"step, got shape {ms.shape[1:]}.")
-  ms = ms.astype(jnp.float32)
-  if not isinstance(ms, jax.core.Tracer):
-    bad = np.asarray(ms)
-    if not np.all((bad >= 0) & (bad <= 1)):
-      raise ValueError(f"the schedule {schedule!r} returned momenta {bad} for "
-                       f"steps {np.asarray(steps)}; a momentum must lie in "
-                       "[0, 1].")
-  return jnp.exp(jnp.sum(jnp.log1p(-(1.0 - ms)))).astype(jnp.float32)
-
-
-def _round_seeds(key: jax.Array, impl: Any, step: jax.Array,
-                 n: int) -> jax.Array:
-  """n uint32 seeds, a pure function of (key, step): one per target leaf."""
-  return jax.random.bits(jax.random.fold_in(_wrap(key, impl), step), (n,),
-                         jnp.uint32)
-
-
-def _zero_drift(params: PyTree) -> dict[str, Any]:
-  """The drift of a target equal to the params (no pass over the params)."""
-  zero = lambda: jnp.zeros([], jnp.float32)
-  return {"global": zero(), "per_module": {
-      name: zero() for name in _update._drift_modules(params)}}
-
-
-def _next_drift(last: Any, target: PyTree, params: PyTree, step: jax.Array,
-                every: int, interval: int) -> Any:
-  """The drift after an update: recomputed on updates ``interval - 1``,
-  ``2 * interval - 1``, ... (counted from 0), ``last`` on the others."""
-  if interval == 0:
-    return last
-  if interval == 1:
-    return _update._relative_distance(target, params)
-  due = (step // every) % interval == interval - 1
-  if not isinstance(due, jax.core.Tracer):  # eager: a Python branch
-    return _update._relative_distance(target, params) if bool(due) else last
-  return jax.lax.cond(due, lambda: _update._relative_distance(target, params),
-                      lambda: last)
 
 
 def ema(momentum: _schedules.MomentumLike
@@ -354,13 +251,24 @@ def ema(momentum: _schedules.MomentumLike
   return EmaTransformation(init_fn, update_fn)
 
 
-def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
-              drift: Any, rounding: Any, key: Any
-              ) -> tuple[Callable[[PyTree], Any],
-                         Callable[[Callable[[], PyTree], Any], Any]]:
-  """Validates the options; returns ``init`` and ``update_lazy``, the update
-  taking a params thunk (so that track_ema builds ``params + updates`` only
-  inside the every=k branch)."""
+class _Options(NamedTuple):
+  """The validated options of one :func:`ema` / :func:`track_ema`."""
+
+  schedules: tuple[_schedules.Schedule, ...]
+  several: bool  # a tuple of momenta: a tuple of EmaStates
+  dtype: Any
+  skip_nonfinite: bool
+  every: int
+  drift: int  # 0: off; N: on every N-th update
+  stochastic: bool
+  key_data: jax.Array | None
+  key_impl: Any
+
+
+def _parse_options(momentum: Any, dtype: Any, skip_nonfinite: Any,
+                   every: Any, drift: Any, rounding: Any, key: Any
+                   ) -> _Options:
+  """Validates every argument of :func:`ema` / :func:`track_ema` once."""
   several = isinstance(momentum, (tuple, list))
   if several:
     if not momentum:
@@ -372,81 +280,98 @@ def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
   dtype = _check_dtype(dtype)
   if not isinstance(skip_nonfinite, bool):
     raise TypeError(f"`skip_nonfinite` must be a bool, got {skip_nonfinite!r}.")
-  drift = _check_drift(drift)  # 0: off; N: on every N-th update
-  every = _check_every(every)
-  stochastic = _check_rounding(rounding, dtype) == "stochastic"
-  key_data, key_impl = _check_key(key) if stochastic else (None, None)
-
-  def init_fn(params: PyTree) -> EmaState | tuple[EmaState, ...]:
-    states = []
-    for i in range(len(schedules)):
-      target = jax.tree.map(lambda x: _copy_leaf(x, dtype), params)
-      if stochastic and i == 0 and not any(
-          _update._is_float_leaf(x) and jnp.asarray(x).dtype == jnp.bfloat16
-          for x in jax.tree.leaves(target)):
-        raise ValueError(
-            "rounding='stochastic' needs bfloat16 target leaves, but the "
-            "target has none; pass dtype=jnp.bfloat16 (or bfloat16 params).")
-      k = None
-      if stochastic:
-        k = key_data if not several else jax.random.key_data(
-            jax.random.fold_in(_wrap(key_data, key_impl), i))
-      states.append(EmaState(
-          step=jnp.zeros([], jnp.int32), target=target,
-          skipped=jnp.zeros([], jnp.int32),
-          drift=_zero_drift(params) if drift else None,
-          key=None if k is None else jnp.array(k, copy=True)))
-    return tuple(states) if several else states[0]
-
-  def advance(get_params: Callable[[], PyTree],
-              states: tuple[EmaState, ...]) -> tuple[EmaState, ...]:
-    """One real update of every target (params built lazily, in-branch)."""
-    params = get_params()
-    step = states[0].step
-    finite = _all_finite(params) if skip_nonfinite else None
-    out = []
-    for schedule, state in zip(schedules, states):
-      m = _window_momentum(schedule, step, every)
-      skipped = state.skipped
-      if finite is not None:
-        m = jnp.where(finite, m, jnp.float32(1.0))
-        skipped = jnp.where(finite, skipped, _safe_increment(skipped))
-      _update._check_trees(state.target, params)
-      _update._check_shardings(state.target, params)
-      seeds = None
-      if stochastic:
-        n = len(jax.tree.leaves(state.target))
-        seeds = list(_round_seeds(state.key, key_impl, step, n))
-      target = _update._blend_tree(state.target, params, m, seeds)
-      out.append(state._replace(
-          target=target, skipped=skipped.astype(jnp.int32),
-          drift=_next_drift(state.drift, target, params, step, every,
-                            drift)))
-    return tuple(out)
-
-  def update_lazy(get_params: Callable[[], PyTree],
-                  state: EmaState | tuple[EmaState, ...]
-                  ) -> EmaState | tuple[EmaState, ...]:
-    states = _as_states(state, len(schedules), several)
-    step = states[0].step
-    if every == 1:
-      states = advance(get_params, states)
-    elif not isinstance(step, jax.core.Tracer):  # eager: a Python branch
-      if int(step) % every == every - 1:
-        states = advance(get_params, states)
-    else:
-      states = jax.lax.cond(step % every == every - 1,
-                            lambda s: advance(get_params, s), lambda s: s,
-                            states)
-    states = tuple(s._replace(step=_safe_increment(step)) for s in states)
-    return states if several else states[0]
-
-  return init_fn, update_lazy
+  drift = _drift.check_drift(drift)
+  every = _every.check_every(every)
+  stochastic = _rounding.check_rounding(rounding, dtype) == "stochastic"
+  key_data, key_impl = _rounding.check_key(key) if stochastic else (None, None)
+  return _Options(schedules, several, dtype, skip_nonfinite, every, drift,
+                  stochastic, key_data, key_impl)
 
 
-def _wrap(key_data: jax.Array, impl: Any) -> jax.Array:
-  return (jax.random.wrap_key_data(key_data, impl=impl) if impl is not None
-          else jax.random.wrap_key_data(key_data))
+def _init_states(opts: _Options, params: PyTree
+                 ) -> EmaState | tuple[EmaState, ...]:
+  """``init``: one EmaState per momentum, its target a copy of ``params``."""
+  states = []
+  for i in range(len(opts.schedules)):
+    target = jax.tree.map(lambda x: _copy_leaf(x, opts.dtype), params)
+    if opts.stochastic and i == 0 and not any(
+        _kernel.is_float_leaf(x) and jnp.asarray(x).dtype == jnp.bfloat16
+        for x in jax.tree.leaves(target)):
+      raise ValueError(
+          "rounding='stochastic' needs bfloat16 target leaves, but the "
+          "target has none; pass dtype=jnp.bfloat16 (or bfloat16 params).")
+    k = None
+    if opts.stochastic:
+      k = opts.key_data if not opts.several else jax.random.key_data(
+          jax.random.fold_in(_rounding.wrap_key(opts.key_data, opts.key_impl),
+                             i))
+    states.append(EmaState(
+        step=jnp.zeros([], jnp.int32), target=target,
+        skipped=jnp.zeros([], jnp.int32),
+        drift=_drift.zero_drift(params) if opts.drift else None,
+        key=None if k is None else jnp.array(k, copy=True)))
+  return tuple(states) if opts.several else states[0]
+
+
+def _advance(opts: _Options, get_params: Callable[[], PyTree],
+             states: tuple[EmaState, ...]) -> tuple[EmaState, ...]:
+  """One real update of every target (params built lazily, in-branch)."""
+  params = get_params()
+  step = states[0].step
+  finite = _all_finite(params) if opts.skip_nonfinite else None
+  out = []
+  for schedule, state in zip(opts.schedules, states):
+    m = _every.window_momentum(schedule, step, opts.every)
+    skipped = state.skipped
+    if finite is not None:
+      m = jnp.where(finite, m, jnp.float32(1.0))
+      skipped = jnp.where(finite, skipped, _safe_increment(skipped))
+    _kernel.check_trees(state.target, params)
+    _kernel.check_shardings(state.target, params)
+    rounders = None
+    if opts.stochastic:
+      rounders = _rounding.rounders(state.key, opts.key_impl, step,
+                                    len(jax.tree.leaves(state.target)))
+    target = _kernel.blend_tree(state.target, params, m, rounders)
+    out.append(state._replace(
+        target=target, skipped=skipped.astype(jnp.int32),
+        drift=_drift.next_drift(state.drift, target, params, step,
+                                opts.every, opts.drift)))
+  return tuple(out)
+
+
+def _update_states(opts: _Options, get_params: Callable[[], PyTree],
+                   state: EmaState | tuple[EmaState, ...]
+                   ) -> EmaState | tuple[EmaState, ...]:
+  """``update``: advance on update steps (every one, or every ``every``-th
+  under a ``lax.cond``), then count the step."""
+  states = _as_states(state, len(opts.schedules), opts.several)
+  step = states[0].step
+  every = opts.every
+  if every == 1:
+    states = _advance(opts, get_params, states)
+  elif not isinstance(step, jax.core.Tracer):  # eager: a Python branch
+    if int(step) % every == every - 1:
+      states = _advance(opts, get_params, states)
+  else:
+    states = jax.lax.cond(step % every == every - 1,
+                          lambda s: _advance(opts, get_params, s),
+                          lambda s: s, states)
+  states = tuple(s._replace(step=_safe_increment(step)) for s in states)
+  return states if opts.several else states[0]
+
+
+def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
+              drift: Any, rounding: Any, key: Any
+              ) -> tuple[Callable[[PyTree], Any],
+                         Callable[[Callable[[], PyTree], Any], Any]]:
+  """Validates the options; returns ``init`` and ``update_lazy``, the update
+  taking a params thunk (so that track_ema builds ``params + updates`` only
+  inside the every=k branch)."""
+  opts = _parse_options(momentum, dtype, skip_nonfinite, every, drift,
+                        rounding, key)
+  return (functools.partial(_init_states, opts),
+          functools.partial(_update_states, opts))
 
 
 def _as_states(state: Any, n: int, several: bool) -> tuple[EmaState, ...]:
