@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo sweep experiments test bench device-check clean
+.PHONY: demo sweep experiments lint test docs bench device-check clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,11 @@ $(VENV)/.created:
 	touch $@
 
 $(VENV)/.test: $(VENV)/.created pyproject.toml
-	$(PIP) install -e ".[test,examples]"
+	$(PIP) install -e ".[test,examples,lint,wheel]"
+	touch $@
+
+$(VENV)/.docs: $(VENV)/.created pyproject.toml
+	$(PIP) install -e ".[docs]"
 	touch $@
 
 $(VENV)/.examples: $(VENV)/.created pyproject.toml
@@ -33,8 +37,16 @@ experiments: $(VENV)/.examples  ## EMA Scaling Rule and post-hoc EMA experiments
 	$(PY) examples/batch_scaling.py --out-dir docs
 	$(PY) examples/posthoc_digits.py --out-dir docs
 
-test: $(VENV)/.test  ## run the whole test suite (doctests included)
+lint: $(VENV)/.test  ## ruff (lint + format check) over the repository, mypy over jepa_ema/
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint  ## lint and type check, then the whole test suite (doctests included)
 	$(PY) -m pytest -q
+
+docs: $(VENV)/.docs  ## build the documentation site into site/ (warnings are errors)
+	$(PY) -m mkdocs build --strict
 
 bench: $(VENV)/.bench  ## run the speed/memory benchmarks (~20 min)
 	$(PY) benchmarks/ema_bench.py --json benchmarks/results.json \
@@ -47,4 +59,4 @@ device-check: $(VENV)/.bench  ## the accelerator check (one command, ~5 min): re
 	$(PY) benchmarks/device_check.py --out results --budget-s 300
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache site dist

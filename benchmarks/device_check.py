@@ -42,13 +42,15 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
-
-import numpy as np
+from collections.abc import Callable
+from typing import Any
 
 # (width, depth, mlp width, patch) of the ViTs at 224 px (timm layout).
-TREES = {"vit_b16": (768, 12, 3072, 16), "vit_l16": (1024, 24, 4096, 16),
-         "vit_g14": (1408, 40, 6144, 14)}
+TREES = {
+  "vit_b16": (768, 12, 3072, 16),
+  "vit_l16": (1024, 24, 4096, 16),
+  "vit_g14": (1408, 40, 6144, 14),
+}
 TINY = {"tiny_a": (64, 2, 256, 16), "tiny_b": (96, 2, 384, 16)}
 MOMENTUM = 0.996
 IN_STEP = 8  # EMA updates per call of the train-step stand-in
@@ -63,17 +65,32 @@ def log(msg: str) -> None:
 def shapes(spec: tuple[int, int, int, int]) -> dict[str, tuple[int, ...]]:
   width, depth, mlp, patch = spec
   tokens = (224 // patch) ** 2 + 1
-  out = {"patch/kernel": (patch * patch * 3, width), "patch/bias": (width,),
-         "cls": (1, 1, width), "pos": (1, tokens, width),
-         "norm/scale": (width,), "norm/bias": (width,)}
+  out = {
+    "patch/kernel": (patch * patch * 3, width),
+    "patch/bias": (width,),
+    "cls": (1, 1, width),
+    "pos": (1, tokens, width),
+    "norm/scale": (width,),
+    "norm/bias": (width,),
+  }
   for b in range(depth):
     p = f"block{b:02d}/"
-    out.update({p + "ln1/scale": (width,), p + "ln1/bias": (width,),
-                p + "qkv/kernel": (width, 3 * width), p + "qkv/bias": (3 * width,),
-                p + "proj/kernel": (width, width), p + "proj/bias": (width,),
-                p + "ln2/scale": (width,), p + "ln2/bias": (width,),
-                p + "fc1/kernel": (width, mlp), p + "fc1/bias": (mlp,),
-                p + "fc2/kernel": (mlp, width), p + "fc2/bias": (width,)})
+    out.update(
+      {
+        p + "ln1/scale": (width,),
+        p + "ln1/bias": (width,),
+        p + "qkv/kernel": (width, 3 * width),
+        p + "qkv/bias": (3 * width,),
+        p + "proj/kernel": (width, width),
+        p + "proj/bias": (width,),
+        p + "ln2/scale": (width,),
+        p + "ln2/bias": (width,),
+        p + "fc1/kernel": (width, mlp),
+        p + "fc1/bias": (mlp,),
+        p + "fc2/kernel": (mlp, width),
+        p + "fc2/bias": (width,),
+      }
+    )
   return out
 
 
@@ -97,14 +114,16 @@ class Budget:
     return time.perf_counter() > self.end
 
 
-def timeit(run: Callable[[], Any], slot_s: float, min_reps: int = 3,
-           max_reps: int = 30) -> float:
+def timeit(
+  run: Callable[[], Any], slot_s: float, min_reps: int = 3, max_reps: int = 30
+) -> float:
   """Median seconds of ``run()`` (synchronous) after one warm-up call."""
   run()
   times: list[float] = []
   stop = time.perf_counter() + slot_s
-  while len(times) < max_reps and (len(times) < min_reps
-                                   or time.perf_counter() < stop):
+  while len(times) < max_reps and (
+    len(times) < min_reps or time.perf_counter() < stop
+  ):
     t0 = time.perf_counter()
     run()
     times.append(time.perf_counter() - t0)
@@ -115,22 +134,33 @@ def timeit(run: Callable[[], Any], slot_s: float, min_reps: int = 3,
 
 
 class Check:
-
-  def __init__(self, trees: dict[str, tuple[int, int, int, int]],
-               budget: Budget, tiny: bool):
+  def __init__(
+    self,
+    trees: dict[str, tuple[int, int, int, int]],
+    budget: Budget,
+    tiny: bool,
+  ):
     import jax
     import jax.numpy as jnp
+
     self.jax, self.jnp = jax, jnp
     import jepa_ema
+
     self.je = jepa_ema
     self.trees, self.budget, self.tiny = trees, budget, tiny
-    self.res: dict[str, Any] = {"roofline": {}, "trees": {}, "blocked": {},
-                                "structure": {}, "skipped": []}
+    self.res: dict[str, Any] = {
+      "roofline": {},
+      "trees": {},
+      "blocked": {},
+      "structure": {},
+      "skipped": [],
+    }
     self.torch = self._torch()
 
   def _torch(self) -> Any:
     try:
       import torch
+
       return torch if torch.cuda.is_available() else None
     except Exception:  # pylint: disable=broad-except
       return None
@@ -140,8 +170,9 @@ class Check:
     key = jax.random.key(seed)
     out = {}
     for i, (k, s) in enumerate(sh.items()):
-      out[k] = jax.random.normal(jax.random.fold_in(key, i), s, jnp.float32
-                                 ).astype(dtype)
+      out[k] = jax.random.normal(
+        jax.random.fold_in(key, i), s, jnp.float32
+      ).astype(dtype)
     return jax.block_until_ready(out)
 
   # -- roofline
@@ -163,20 +194,26 @@ class Check:
 
     add_s = timeit(run_add, self.budget.slot())
     copy_s = timeit(run_copy, self.budget.slot())
-    return {"add_GBps": 12 * n / add_s / 1e9, "copy_GBps": 8 * n / copy_s / 1e9,
-            "add_ms": add_s * 1e3, "copy_ms": copy_s * 1e3}
+    return {
+      "add_GBps": 12 * n / add_s / 1e9,
+      "copy_GBps": 8 * n / copy_s / 1e9,
+      "add_ms": add_s * 1e3,
+      "copy_ms": copy_s * 1e3,
+    }
 
   # -- one tree, one dtype mode
 
   def variants(self, sh: dict, mode: str) -> dict[str, float]:
     jax, jnp, je = self.jax, self.jnp, self.je
     import optax
+
     pdtype = jnp.float32 if mode == "f32" else jnp.bfloat16
     online = self.make(sh, pdtype, 1)
     out: dict[str, float] = {}
 
-    def measure(name: str, setup: Callable[[], Callable[[], None]],
-                per_call: int = 1) -> None:
+    def measure(
+      name: str, setup: Callable[[], Callable[[], None]], per_call: int = 1
+    ) -> None:
       if self.budget.over():
         self.res["skipped"].append(f"{mode} {name}")
         self.budget.slot()
@@ -193,6 +230,7 @@ class Check:
         box[0] = f(box[0], online, box[1])
         box[1] += 1
         jax.block_until_ready(box[0])
+
       return run
 
     def wrapper():
@@ -203,38 +241,50 @@ class Check:
       def run():
         box[0] = upd(online, box[0])
         jax.block_until_ready(box[0])
+
       return run
 
     def in_step():
       ema = je.ema(MOMENTUM, dtype=jnp.float32)
 
       def body(state, params):
-        return jax.lax.fori_loop(0, IN_STEP,
-                                 lambda _, s: ema.update(params, s), state)
+        return jax.lax.fori_loop(
+          0, IN_STEP, lambda _, s: ema.update(params, s), state
+        )
+
       step = jax.jit(body, donate_argnums=0)
       box = [ema.init(self.make(sh, jnp.float32, 0))]
 
       def run():
         box[0] = step(box[0], online)
         jax.block_until_ready(box[0])
+
       return run
 
     def incremental():
-      f = jax.jit(lambda t, o: optax.incremental_update(
-          jax.tree.map(lambda x: x.astype(jnp.float32), o), t, 1 - MOMENTUM))
+      f = jax.jit(
+        lambda t, o: optax.incremental_update(
+          jax.tree.map(lambda x: x.astype(jnp.float32), o), t, 1 - MOMENTUM
+        )
+      )
       target = self.make(sh, jnp.float32, 0)
 
       def run():
         jax.block_until_ready(f(target, online))
+
       return run
 
     def tree_map():
-      f = jax.jit(lambda t, o: jax.tree.map(
-          lambda a, b: MOMENTUM * a + (1 - MOMENTUM) * b.astype(a.dtype), t, o))
+      f = jax.jit(
+        lambda t, o: jax.tree.map(
+          lambda a, b: MOMENTUM * a + (1 - MOMENTUM) * b.astype(a.dtype), t, o
+        )
+      )
       target = self.make(sh, jnp.float32, 0)
 
       def run():
         jax.block_until_ready(f(target, online))
+
       return run
 
     measure("make_ema_update", bound)
@@ -250,16 +300,20 @@ class Check:
     torch = self.torch
     dev = torch.device("cuda")
     tdtype = torch.float32 if mode == "f32" else torch.bfloat16
-    onl = [torch.randn(x.shape, device=dev, dtype=tdtype)
-           for x in online.values()]
-    tgt = [torch.randn(x.shape, device=dev, dtype=torch.float32)
-           for x in online.values()]
+    onl = [
+      torch.randn(x.shape, device=dev, dtype=tdtype) for x in online.values()
+    ]
+    tgt = [
+      torch.randn(x.shape, device=dev, dtype=torch.float32)
+      for x in online.values()
+    ]
 
     def run():
       with torch.no_grad():
         src = onl if mode == "f32" else [o.float() for o in onl]
         torch._foreach_lerp_(tgt, src, 1 - MOMENTUM)
       torch.cuda.synchronize()
+
     return run
 
   # -- the targets XLA:CPU cannot reach
@@ -269,35 +323,46 @@ class Check:
     online = self.make(sh, jnp.float32, 1)
     n = n_params(sh)
 
-    def stateful(ema: Any, params: Any, calls: int = 1,
-                 tgt_dtype: Any = jnp.float32) -> float:
+    def stateful(
+      ema: Any, params: Any, calls: int = 1, tgt_dtype: Any = jnp.float32
+    ) -> float:
       if self.budget.over():
         self.budget.slot()
         return float("nan")
       upd = ema.jit()
-      box = [ema.init(jax.tree.map(lambda x: x.astype(tgt_dtype),
-                                   self.make(sh, jnp.float32, 0)))]
+      box = [
+        ema.init(
+          jax.tree.map(
+            lambda x: x.astype(tgt_dtype), self.make(sh, jnp.float32, 0)
+          )
+        )
+      ]
 
       def run():
         for _ in range(calls):
           box[0] = upd(params, box[0])
         jax.block_until_ready(box[0])
+
       return timeit(run, self.budget.slot()) / calls * 1e3
 
     plain = stateful(je.ema(MOMENTUM), online)
     out: dict[str, Any] = {"plain update ms": plain}
-    out["drift=True / plain"] = stateful(je.ema(MOMENTUM, drift=True),
-                                         online) / plain
-    out["drift=10 / plain"] = stateful(je.ema(MOMENTUM, drift=10), online,
-                                       calls=10) / plain
+    out["drift=True / plain"] = (
+      stateful(je.ema(MOMENTUM, drift=True), online) / plain
+    )
+    out["drift=10 / plain"] = (
+      stateful(je.ema(MOMENTUM, drift=10), online, calls=10) / plain
+    )
     three = stateful(je.ema((0.99, 0.996, 0.999)), online)
     out["3 momenta in one ema / 3 EMAs (ideal 0.78)"] = three / (3 * plain)
-    out["every=4 per step / plain"] = stateful(je.ema(MOMENTUM, every=4),
-                                               online, calls=4) / plain
+    out["every=4 per step / plain"] = (
+      stateful(je.ema(MOMENTUM, every=4), online, calls=4) / plain
+    )
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), online)
     near = stateful(je.ema(0.999), bf16, tgt_dtype=jnp.bfloat16)
-    sto = stateful(je.ema(0.999, rounding="stochastic"), bf16,
-                   tgt_dtype=jnp.bfloat16)
+    sto = stateful(
+      je.ema(0.999, rounding="stochastic"), bf16, tgt_dtype=jnp.bfloat16
+    )
     out["bf16 stochastic / nearest"] = sto / near
     # Many small leaves inside a step against one flat buffer.
     leaves = 64 if self.tiny else 1000
@@ -310,13 +375,18 @@ class Check:
         return float("nan")
       ema = je.ema(MOMENTUM)
       params = self.make(sh2, jnp.float32, 1)
-      step = jax.jit(lambda s, p: jax.lax.fori_loop(
-          0, IN_STEP, lambda _, st: ema.update(p, st), s), donate_argnums=0)
+      step = jax.jit(
+        lambda s, p: jax.lax.fori_loop(
+          0, IN_STEP, lambda _, st: ema.update(p, st), s
+        ),
+        donate_argnums=0,
+      )
       box = [ema.init(self.make(sh2, jnp.float32, 0))]
 
       def run():
         box[0] = step(box[0], params)
         jax.block_until_ready(box[0])
+
       return timeit(run, self.budget.slot()) / IN_STEP * 1e3
 
     m_ms, f_ms = in_step(many), in_step(flat)
@@ -331,20 +401,22 @@ class Check:
     jax, jnp, je = self.jax, self.jnp, self.je
     online = self.make(sh, jnp.float32, 1)
     out: dict[str, Any] = {}
-    for name, ema in (("plain", je.ema(MOMENTUM)),
-                      ("drift=10, every=2", je.ema(MOMENTUM, drift=10,
-                                                   every=2))):
+    for name, ema in (
+      ("plain", je.ema(MOMENTUM)),
+      ("drift=10, every=2", je.ema(MOMENTUM, drift=10, every=2)),
+    ):
       traces = []
 
-      def step(params, state, ema=ema):
+      def step(params, state, ema=ema, traces=traces):
         traces.append(1)
         return ema.update(params, state)
 
       upd = jax.jit(step, donate_argnums=1)
       state = ema.init(self.make(sh, jnp.float32, 0))
       try:
-        before = [x.unsafe_buffer_pointer()
-                  for x in jax.tree.leaves(state.target)]
+        before = [
+          x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.target)
+        ]
       except Exception:  # pylint: disable=broad-except
         before = None
       for _ in range(5):
@@ -352,20 +424,24 @@ class Check:
       jax.block_until_ready(state)
       in_place = None
       if before is not None:
-        after = [x.unsafe_buffer_pointer()
-                 for x in jax.tree.leaves(state.target)]
+        after = [
+          x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.target)
+        ]
         in_place = before == after
       scratch = None
       try:
-        compiled = jax.jit(ema.update, donate_argnums=1).lower(
-            online, state).compile()
+        compiled = (
+          jax.jit(ema.update, donate_argnums=1).lower(online, state).compile()
+        )
         analysis = compiled.memory_analysis()
         scratch = float(analysis.temp_size_in_bytes) / (4 * n_params(sh))
       except Exception:  # pylint: disable=broad-except
         pass
-      out[name] = {"traces over 5 steps": len(traces),
-                   "donated target in place": in_place,
-                   "scratch / model copy": scratch}
+      out[name] = {
+        "traces over 5 steps": len(traces),
+        "donated target in place": in_place,
+        "scratch / model copy": scratch,
+      }
     return out
 
   # -- all
@@ -373,8 +449,10 @@ class Check:
   def run(self) -> dict[str, Any]:
     jax = self.jax
     first = next(iter(self.trees))
-    log(f"jax {jax.__version__}, backend {jax.default_backend()}, devices "
-        f"{jax.devices()}; torch on GPU: {self.torch is not None}")
+    log(
+      f"jax {jax.__version__}, backend {jax.default_backend()}, devices "
+      f"{jax.devices()}; torch on GPU: {self.torch is not None}"
+    )
     for name, spec in self.trees.items():
       sh = shapes(spec)
       n = n_params(sh)
@@ -384,8 +462,10 @@ class Check:
       log(f"{name}: {n / 1e6:.1f} M params: roofline")
       roof = self.roofline(n)
       self.res["roofline"][name] = roof
-      log(f"{name}: add {roof['add_GBps']:.1f} GB/s, copy "
-          f"{roof['copy_GBps']:.1f} GB/s")
+      log(
+        f"{name}: add {roof['add_GBps']:.1f} GB/s, copy "
+        f"{roof['copy_GBps']:.1f} GB/s"
+      )
       if name == first:
         log(f"{name}: the blocked targets")
         self.res["blocked"] = self.blocked(sh)
@@ -399,61 +479,98 @@ class Check:
         rows = {}
         for k, v in ms.items():
           gbps = bpp * n / (v / 1e3) / 1e9
-          rows[k] = {"ms": v, "GBps": gbps,
-                     "vs roofline": gbps / roof["add_GBps"]}
+          rows[k] = {
+            "ms": v,
+            "GBps": gbps,
+            "vs roofline": gbps / roof["add_GBps"],
+          }
         torch_ms = ms.get("torch _foreach_lerp_")
-        for k, row in rows.items():
+        for row in rows.values():
           row["vs torch"] = (torch_ms / row["ms"]) if torch_ms else None
         self.res["trees"][name][mode] = rows
         for k, row in rows.items():
-          log(f"  {k}: {row['ms']:.3f} ms, {row['GBps']:.1f} GB/s, "
-              f"{row['vs roofline']:.2f}x roofline")
+          log(
+            f"  {k}: {row['ms']:.3f} ms, {row['GBps']:.1f} GB/s, "
+            f"{row['vs roofline']:.2f}x roofline"
+          )
     return self.res
 
 
 def markdown(res: dict[str, Any]) -> str:
   m = res["meta"]
-  lines = [f"# device_check: {m['backend']} ({m['device']}), jax {m['jax']}",
-           "", f"{m['seconds']:.0f} s, budget {m['budget_s']:.0f} s"
-           + (f"; skipped for the budget: {res['skipped']}" if res["skipped"]
-              else ""), "",
-           "## Roofline (GB/s)", "", "| tree size | t + o (donated) | copy |",
-           "|---|---|---|"]
+  lines = [
+    f"# device_check: {m['backend']} ({m['device']}), jax {m['jax']}",
+    "",
+    f"{m['seconds']:.0f} s, budget {m['budget_s']:.0f} s"
+    + (f"; skipped for the budget: {res['skipped']}" if res["skipped"] else ""),
+    "",
+    "## Roofline (GB/s)",
+    "",
+    "| tree size | t + o (donated) | copy |",
+    "|---|---|---|",
+  ]
   for k, r in res["roofline"].items():
     lines.append(f"| {k} | {r['add_GBps']:.1f} | {r['copy_GBps']:.1f} |")
   for tree, modes in res["trees"].items():
     for mode, rows in modes.items():
       if mode == "params":
         continue
-      lines += ["", f"## {tree} ({modes['params'] / 1e6:.0f} M params), "
-                f"{mode}", "", "| variant | ms | GB/s | vs roofline | "
-                "vs torch |", "|---|---|---|---|---|"]
+      lines += [
+        "",
+        f"## {tree} ({modes['params'] / 1e6:.0f} M params), {mode}",
+        "",
+        "| variant | ms | GB/s | vs roofline | vs torch |",
+        "|---|---|---|---|---|",
+      ]
       for k, r in rows.items():
         vt = f"{r['vs torch']:.2f}x" if r["vs torch"] else "–"
-        lines.append(f"| {k} | {r['ms']:.3f} | {r['GBps']:.1f} | "
-                     f"{r['vs roofline']:.2f}x | {vt} |")
-  lines += ["", "## The targets XLA:CPU cannot reach", "", "| ratio | value |",
-            "|---|---|"]
+        lines.append(
+          f"| {k} | {r['ms']:.3f} | {r['GBps']:.1f} | "
+          f"{r['vs roofline']:.2f}x | {vt} |"
+        )
+  lines += [
+    "",
+    "## The targets XLA:CPU cannot reach",
+    "",
+    "| ratio | value |",
+    "|---|---|",
+  ]
   lines += [f"| {k} | {v:.3f} |" for k, v in res["blocked"].items()]
-  lines += ["", "## Structure", "", "| configuration | traces over 5 steps | "
-            "donated target in place | scratch / model copy |", "|---|---|---|---|"]
+  lines += [
+    "",
+    "## Structure",
+    "",
+    "| configuration | traces over 5 steps | "
+    "donated target in place | scratch / model copy |",
+    "|---|---|---|---|",
+  ]
   for k, v in res["structure"].items():
     sc = v["scratch / model copy"]
-    lines.append(f"| {k} | {v['traces over 5 steps']} | "
-                 f"{v['donated target in place']} | "
-                 f"{'–' if sc is None else f'{100 * sc:.2f} %'} |")
+    lines.append(
+      f"| {k} | {v['traces over 5 steps']} | "
+      f"{v['donated target in place']} | "
+      f"{'–' if sc is None else f'{100 * sc:.2f} %'} |"
+    )
   return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--out", type=pathlib.Path, required=True,
-                 help="directory for device_check.json / device_check.md")
+  p.add_argument(
+    "--out",
+    type=pathlib.Path,
+    required=True,
+    help="directory for device_check.json / device_check.md",
+  )
   p.add_argument("--budget-s", type=float, default=300.0)
-  p.add_argument("--tiny", action="store_true",
-                 help="small trees: the same code paths in seconds (CPU)")
-  p.add_argument("--trees", nargs="+", default=None,
-                 help=f"subset of {list(TREES)}")
+  p.add_argument(
+    "--tiny",
+    action="store_true",
+    help="small trees: the same code paths in seconds (CPU)",
+  )
+  p.add_argument(
+    "--trees", nargs="+", default=None, help=f"subset of {list(TREES)}"
+  )
   args = p.parse_args(argv)
   trees = TINY if args.tiny else TREES
   if args.trees:
@@ -466,19 +583,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   check = Check(trees, Budget(args.budget_s, planned), args.tiny)
   res = check.run()
   import jax
-  res["meta"] = {"backend": jax.default_backend(),
-                 "device": str(jax.devices()[0].device_kind),
-                 "jax": jax.__version__, "python": sys.version.split()[0],
-                 "machine": platform.machine(), "cpus": os.cpu_count(),
-                 "budget_s": args.budget_s, "tiny": args.tiny,
-                 "seconds": time.perf_counter() - T0}
+
+  res["meta"] = {
+    "backend": jax.default_backend(),
+    "device": str(jax.devices()[0].device_kind),
+    "jax": jax.__version__,
+    "python": sys.version.split()[0],
+    "machine": platform.machine(),
+    "cpus": os.cpu_count(),
+    "budget_s": args.budget_s,
+    "tiny": args.tiny,
+    "seconds": time.perf_counter() - T0,
+  }
   args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "device_check.json").write_text(json.dumps(res, indent=1))
   md = markdown(res)
   (args.out / "device_check.md").write_text(md)
   print(md)
-  log(f"wrote {args.out / 'device_check.json'} and "
-      f"{args.out / 'device_check.md'}")
+  log(
+    f"wrote {args.out / 'device_check.json'} and {args.out / 'device_check.md'}"
+  )
   return res
 
 

@@ -47,7 +47,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -61,22 +61,32 @@ def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
   if name == "small1000":
     return {f"leaf{i:04d}": (1024,) for i in range(1000)}
   width, depth = VITS[name]
-  shapes = {"patch_embed/kernel": (16 * 16 * 3, width),
-            "patch_embed/bias": (width,), "cls_token": (1, 1, width),
-            "pos_embed": (1, 197, width), "norm/scale": (width,),
-            "norm/bias": (width,)}
+  shapes = {
+    "patch_embed/kernel": (16 * 16 * 3, width),
+    "patch_embed/bias": (width,),
+    "cls_token": (1, 1, width),
+    "pos_embed": (1, 197, width),
+    "norm/scale": (width,),
+    "norm/bias": (width,),
+  }
   for b in range(depth):
     p = f"blocks{b:02d}/"
-    shapes.update({
-        p + "norm1/scale": (width,), p + "norm1/bias": (width,),
+    shapes.update(
+      {
+        p + "norm1/scale": (width,),
+        p + "norm1/bias": (width,),
         p + "attn/qkv/kernel": (width, 3 * width),
         p + "attn/qkv/bias": (3 * width,),
-        p + "attn/proj/kernel": (width, width), p + "attn/proj/bias": (width,),
-        p + "norm2/scale": (width,), p + "norm2/bias": (width,),
+        p + "attn/proj/kernel": (width, width),
+        p + "attn/proj/bias": (width,),
+        p + "norm2/scale": (width,),
+        p + "norm2/bias": (width,),
         p + "mlp/fc1/kernel": (width, 4 * width),
         p + "mlp/fc1/bias": (4 * width,),
-        p + "mlp/fc2/kernel": (4 * width, width), p + "mlp/fc2/bias": (width,),
-    })
+        p + "mlp/fc2/kernel": (4 * width, width),
+        p + "mlp/fc2/bias": (width,),
+      }
+    )
   return shapes
 
 
@@ -86,8 +96,10 @@ def num_params(name: str) -> int:
 
 def make_numpy_tree(name: str, seed: int, dtype=np.float32) -> dict:
   rng = np.random.default_rng(seed)
-  return {k: rng.standard_normal(s, dtype=np.float32).astype(dtype)
-          for k, s in tree_shapes(name).items()}
+  return {
+    k: rng.standard_normal(s, dtype=np.float32).astype(dtype)
+    for k, s in tree_shapes(name).items()
+  }
 
 
 # ------------------------------------------------------------------ variants
@@ -107,14 +119,17 @@ def shared(tree: str, what: str) -> Any:
     if what == "np_online":
       _SHARED[key] = make_numpy_tree(tree, 1)
     elif what == "jax_online":
-      _SHARED[key] = {k: jnp.asarray(v) for k, v in
-                      shared(tree, "np_online").items()}
+      _SHARED[key] = {
+        k: jnp.asarray(v) for k, v in shared(tree, "np_online").items()
+      }
     elif what == "jax_target":
       _SHARED[key] = jax.tree.map(jnp.asarray, make_numpy_tree(tree, 0))
     elif what == "torch_online":  # zero-copy view of the numpy online tree
       import torch
-      _SHARED[key] = [torch.from_numpy(x)
-                      for x in shared(tree, "np_online").values()]
+
+      _SHARED[key] = [
+        torch.from_numpy(x) for x in shared(tree, "np_online").values()
+      ]
   return _SHARED[key]
 
 
@@ -122,8 +137,10 @@ def jax_tree(tree: str, seed: int, dtype=None) -> dict:
   """A fresh JAX tree built leaf by leaf (no model-sized numpy temporary)."""
   jax, jnp = _jax()
   rng = np.random.default_rng(seed)
-  return {k: jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
-          for k, s in tree_shapes(tree).items()}
+  return {
+    k: jnp.asarray(rng.standard_normal(s, dtype=np.float32), dtype)
+    for k, s in tree_shapes(tree).items()
+  }
 
 
 class Variant:
@@ -145,6 +162,7 @@ class Variant:
 def _jax():
   import jax
   import jax.numpy as jnp
+
   return jax, jnp
 
 
@@ -163,8 +181,10 @@ def fresh_state(target: dict):
   without init's copy, so the benchmark never holds a third model copy."""
   _, jnp = _jax()
   import jepa_ema
-  return jepa_ema.EmaState(jnp.zeros([], jnp.int32), target,
-                           jnp.zeros([], jnp.int32))
+
+  return jepa_ema.EmaState(
+    jnp.zeros([], jnp.int32), target, jnp.zeros([], jnp.int32)
+  )
 
 
 def flat_pair(tree: str) -> tuple[np.ndarray, np.ndarray]:
@@ -173,13 +193,16 @@ def flat_pair(tree: str) -> tuple[np.ndarray, np.ndarray]:
   key = (tree, "flat_pair")
   if key not in _SHARED:
     n = num_params(tree)
-    _SHARED[key] = tuple(np.random.default_rng(s).standard_normal(
-        n, dtype=np.float32) for s in (0, 1))
+    _SHARED[key] = tuple(
+      np.random.default_rng(s).standard_normal(n, dtype=np.float32)
+      for s in (0, 1)
+    )
   return _SHARED[key]
 
 
 class Roofline(Variant):
   """One flat buffer, t += o: 2 reads and 1 write per element."""
+
   name = f"{ROOF_PREFIX} numpy add(t, o, out=t)"
 
   def setup(self, tree):
@@ -195,10 +218,12 @@ class RooflineXla(Variant):
   def setup(self, tree):
     jax, jnp = _jax()
     n = num_params(tree)
-    self.t = jnp.asarray(np.random.default_rng(0).standard_normal(
-        n, dtype=np.float32))
-    self.o = jnp.asarray(np.random.default_rng(1).standard_normal(
-        n, dtype=np.float32))
+    self.t = jnp.asarray(
+      np.random.default_rng(0).standard_normal(n, dtype=np.float32)
+    )
+    self.o = jnp.asarray(
+      np.random.default_rng(1).standard_normal(n, dtype=np.float32)
+    )
     self.fn = jax.jit(lambda t, o: t + o, donate_argnums=0)
 
   def run(self):
@@ -211,6 +236,7 @@ class RooflineTorch(Variant):
 
   def setup(self, tree):
     import torch
+
     self.t, self.o = (torch.from_numpy(x) for x in flat_pair(tree))
 
   def run(self):
@@ -222,6 +248,7 @@ class JepaWrapper(Variant):
 
   def setup(self, tree):
     import jepa_ema
+
     self.update = jepa_ema.ema(MOMENTUM).jit()
     self.online = shared(tree, "jax_online")
     self.state = fresh_state(jax_tree(tree, 0))
@@ -237,6 +264,7 @@ class JepaBound(Variant):
 
   def setup(self, tree):
     import jepa_ema
+
     self.fn = jepa_ema.make_ema_update(MOMENTUM)
     self.online = shared(tree, "jax_online")
     self.target = jax_tree(tree, 0)
@@ -260,11 +288,13 @@ class JepaInStep(Variant):
   def setup(self, tree):
     jax, _ = _jax()
     import jepa_ema
+
     ema = jepa_ema.ema(MOMENTUM)
 
     def many(state, online):
-      return jax.lax.fori_loop(0, K_INNER,
-                               lambda i, s: ema.update(online, s), state)
+      return jax.lax.fori_loop(
+        0, K_INNER, lambda i, s: ema.update(online, s), state
+      )
 
     self.fn = jax.jit(many, donate_argnums=0)
     self.online = self._online(tree)
@@ -287,8 +317,13 @@ class FlatInStep(JepaInStep):
 
   def _flat(self, tree, seed):
     _, jnp = _jax()
-    return {"flat": jnp.asarray(np.random.default_rng(seed).standard_normal(
-        num_params(tree), dtype=np.float32))}
+    return {
+      "flat": jnp.asarray(
+        np.random.default_rng(seed).standard_normal(
+          num_params(tree), dtype=np.float32
+        )
+      )
+    }
 
   def _online(self, tree):
     return self._flat(tree, 1)
@@ -343,8 +378,10 @@ class OptaxIncremental(JitTreeMapNoDonate):
     super().setup(tree)
     jax, _ = _jax()
     import optax
-    self.fn = jax.jit(lambda t, o: optax.incremental_update(
-        o, t, step_size=1 - MOMENTUM))
+
+    self.fn = jax.jit(
+      lambda t, o: optax.incremental_update(o, t, step_size=1 - MOMENTUM)
+    )
 
 
 class Bf16Params(JepaWrapper):
@@ -354,6 +391,7 @@ class Bf16Params(JepaWrapper):
   def setup(self, tree):
     _, jnp = _jax()
     import jepa_ema
+
     self.update = jepa_ema.ema(MOMENTUM, dtype=jnp.float32).jit()
     self.online = jax_tree(tree, 1, jnp.bfloat16)
     self.state = fresh_state(jax_tree(tree, 0))  # float32 target
@@ -365,8 +403,7 @@ class DispatchFloor(Variant):
 
   def setup(self, tree):
     jax, jnp = _jax()
-    self.fn = jax.jit(lambda t: jax.tree.map(lambda x: x, t),
-                      donate_argnums=0)
+    self.fn = jax.jit(lambda t: jax.tree.map(lambda x: x, t), donate_argnums=0)
     self.target = jax_tree(tree, 0)
 
   def run(self):
@@ -380,10 +417,13 @@ class TorchLerp(Variant):
 
   def setup(self, tree):
     import torch
+
     self.torch = torch
     rng = np.random.default_rng(0)
-    self.t = [torch.from_numpy(rng.standard_normal(s, dtype=np.float32))
-              for s in tree_shapes(tree).values()]
+    self.t = [
+      torch.from_numpy(rng.standard_normal(s, dtype=np.float32))
+      for s in tree_shapes(tree).values()
+    ]
     self.o = shared(tree, "torch_online")
 
   def run(self):
@@ -403,14 +443,14 @@ class TorchMulAdd(TorchLerp):
 def torch_available() -> bool:
   try:
     import torch  # noqa: F401
+
     return True
   except ImportError:
     return False
 
 
 # Only informative for many small leaves (and a memory burden for ViT-L).
-SMALL_TREE_ONLY = ("FlatInStep", "DispatchFloor", "RooflineXla",
-                   "EagerTreeMap")
+SMALL_TREE_ONLY = ("FlatInStep", "DispatchFloor", "RooflineXla", "EagerTreeMap")
 
 
 def variants_for(tree: str) -> list[type[Variant]]:
@@ -420,9 +460,20 @@ def variants_for(tree: str) -> list[type[Variant]]:
 
 
 def all_variants() -> list[type[Variant]]:
-  out = [Roofline, RooflineXla, JepaWrapper, JepaBound, JepaInStep, FlatInStep,
-         JitTreeMapDonate, JitTreeMapNoDonate, OptaxIncremental, EagerTreeMap,
-         Bf16Params, DispatchFloor]
+  out = [
+    Roofline,
+    RooflineXla,
+    JepaWrapper,
+    JepaBound,
+    JepaInStep,
+    FlatInStep,
+    JitTreeMapDonate,
+    JitTreeMapNoDonate,
+    OptaxIncremental,
+    EagerTreeMap,
+    Bf16Params,
+    DispatchFloor,
+  ]
   if torch_available():
     out += [RooflineTorch, TorchLerp, TorchMulAdd]
   return out
@@ -431,8 +482,9 @@ def all_variants() -> list[type[Variant]]:
 # ------------------------------------------------------------------- timing
 
 
-def time_interleaved(tree: str, variants: list[Variant], repeats: int,
-                     budget_s: float) -> dict[str, list[float]]:
+def time_interleaved(
+  tree: str, variants: list[Variant], repeats: int, budget_s: float
+) -> dict[str, list[float]]:
   """Round-robin: each round times one call of every variant."""
   for v in variants:
     v.setup(tree)
@@ -481,23 +533,37 @@ def memory_child(tree: str, variant_name: str) -> None:
   for _ in range(3):
     v.run()
   peak = _status("VmHWM")
-  print(json.dumps({"held_bytes": base - after_setup,
-                    "peak_bytes": peak - base,
-                    "copy_bytes": num_params(tree) * 4}))
+  print(
+    json.dumps(
+      {
+        "held_bytes": base - after_setup,
+        "peak_bytes": peak - base,
+        "copy_bytes": num_params(tree) * 4,
+      }
+    )
+  )
 
 
 def memory_of(tree: str, variant_name: str) -> dict[str, float] | None:
   proc = subprocess.run(
-      [sys.executable, __file__, "--memory-child", tree, variant_name],
-      capture_output=True, text=True, timeout=600,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [sys.executable, __file__, "--memory-child", tree, variant_name],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   if proc.returncode != 0:
-    print(f"  (memory run failed for {variant_name}: "
-          f"{proc.stderr.strip().splitlines()[-1:]})", file=sys.stderr)
+    print(
+      f"  (memory run failed for {variant_name}: "
+      f"{proc.stderr.strip().splitlines()[-1:]})",
+      file=sys.stderr,
+    )
     return None
   res = json.loads(proc.stdout.strip().splitlines()[-1])
-  return {"held": res["held_bytes"] / res["copy_bytes"],
-          "peak": res["peak_bytes"] / res["copy_bytes"]}
+  return {
+    "held": res["held_bytes"] / res["copy_bytes"],
+    "peak": res["peak_bytes"] / res["copy_bytes"],
+  }
 
 
 # --------------------------------------------------------------------- main
@@ -505,16 +571,23 @@ def memory_of(tree: str, variant_name: str) -> dict[str, float] | None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--quick", action="store_true",
-                 help="ViT-S/16 and 1000 leaves only, few repeats (< 1 min)")
-  p.add_argument("--trees", default=None,
-                 help="comma-separated subset of vit_s16,vit_b16,vit_l16,"
-                 "small1000")
+  p.add_argument(
+    "--quick",
+    action="store_true",
+    help="ViT-S/16 and 1000 leaves only, few repeats (< 1 min)",
+  )
+  p.add_argument(
+    "--trees",
+    default=None,
+    help="comma-separated subset of vit_s16,vit_b16,vit_l16,small1000",
+  )
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--no-memory", action="store_true")
-  p.add_argument("--json", default=None,
-                 help="write the results here (make bench: "
-                 "benchmarks/results.json)")
+  p.add_argument(
+    "--json",
+    default=None,
+    help="write the results here (make bench: benchmarks/results.json)",
+  )
   p.add_argument("--markdown", default=None)
   p.add_argument("--memory-child", nargs=2, help=argparse.SUPPRESS)
   args = p.parse_args(argv)
@@ -524,18 +597,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
   from tqdm.auto import tqdm
 
-  trees = (args.trees.split(",") if args.trees else
-           (["vit_s16", "small1000"] if args.quick else
-            ["vit_s16", "vit_b16", "vit_l16", "small1000"]))
+  trees = (
+    args.trees.split(",")
+    if args.trees
+    else (
+      ["vit_s16", "small1000"]
+      if args.quick
+      else ["vit_s16", "vit_b16", "vit_l16", "small1000"]
+    )
+  )
   for t in trees:
     if t not in VITS and t != "small1000":
       p.error(f"unknown tree {t!r}")
   repeats = args.repeats or (5 if args.quick else 25)
   jax, _ = _jax()
-  meta = {"machine": platform.machine(), "cpus": os.cpu_count(),
-          "python": platform.python_version(), "jax": jax.__version__,
-          "backend": jax.devices()[0].platform,
-          "torch": torch_available() and __import__("torch").__version__}
+  meta = {
+    "machine": platform.machine(),
+    "cpus": os.cpu_count(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "backend": jax.devices()[0].platform,
+    "torch": torch_available() and __import__("torch").__version__,
+  }
   print(f"# EMA update benchmark ({meta})\n")
   results: dict[str, Any] = {"meta": meta, "trees": {}}
   lines = []
@@ -553,42 +636,62 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     roof = min(t for k, t in med.items() if k.startswith(ROOF_PREFIX))
     torch_ref = med.get(TorchLerp.name)
     rows = {}
-    mem_variants = [v for v in variants if not args.no_memory
-                    and not isinstance(v, DispatchFloor)]
+    mem_variants = [
+      v
+      for v in variants
+      if not args.no_memory and not isinstance(v, DispatchFloor)
+    ]
     if args.quick:  # a fresh process per variant costs ~8 s: the key one
-      mem_variants = [] if tree == "small1000" else [
-          v for v in mem_variants if type(v) is JepaWrapper]
-    mem_iter = tqdm(mem_variants,
-                    desc=f"memory {tree}", leave=False, disable=args.quick)
+      mem_variants = (
+        []
+        if tree == "small1000"
+        else [v for v in mem_variants if type(v) is JepaWrapper]
+      )
+    mem_iter = tqdm(
+      mem_variants, desc=f"memory {tree}", leave=False, disable=args.quick
+    )
     mem = {v.name: memory_of(tree, v.name) for v in mem_iter}
     for v in variants:
       t = med[v.name]
       bytes_moved = v.bytes_per_param * n
       rows[v.name] = {
-          "ms_median": t * 1e3, "ms_min": min(times[v.name]) * 1e3,
-          "gb_s": bytes_moved / t / 1e9 if bytes_moved else None,
-          "vs_roofline": (roof / t * v.bytes_per_param / 12
-                          if v.bytes_per_param else None),
-          "vs_torch_lerp": torch_ref / t if torch_ref else None,
-          "extra_mem": mem.get(v.name),
-          "samples": len(times[v.name])}
-    results["trees"][tree] = {"params": n, "leaves": len(tree_shapes(tree)),
-                              "rows": rows}
-    head = (f"\n## {tree}: {n / 1e6:.1f} M float32 params, "
-            f"{len(tree_shapes(tree))} leaves, {12 * n / 1e9:.2f} GB moved "
-            "per update\n\n| variant | ms (median) | GB/s | x roofline | "
-            "x torch lerp | held after 1st call | peak per update |\n"
-            "|---|---|---|---|---|---|---|")
+        "ms_median": t * 1e3,
+        "ms_min": min(times[v.name]) * 1e3,
+        "gb_s": bytes_moved / t / 1e9 if bytes_moved else None,
+        "vs_roofline": (
+          roof / t * v.bytes_per_param / 12 if v.bytes_per_param else None
+        ),
+        "vs_torch_lerp": torch_ref / t if torch_ref else None,
+        "extra_mem": mem.get(v.name),
+        "samples": len(times[v.name]),
+      }
+    results["trees"][tree] = {
+      "params": n,
+      "leaves": len(tree_shapes(tree)),
+      "rows": rows,
+    }
+    head = (
+      f"\n## {tree}: {n / 1e6:.1f} M float32 params, "
+      f"{len(tree_shapes(tree))} leaves, {12 * n / 1e9:.2f} GB moved "
+      "per update\n\n| variant | ms (median) | GB/s | x roofline | "
+      "x torch lerp | held after 1st call | peak per update |\n"
+      "|---|---|---|---|---|---|---|"
+    )
     lines.append(head)
     print(head)
     for name, r in rows.items():
       fmt = lambda x, f: "-" if x is None else format(x, f)
       mem = r["extra_mem"]
-      mem_s = ("- | -" if mem is None else
-               f"{100 * mem['held']:.1f}% | {100 * mem['peak']:.1f}%")
-      line = (f"| {name} | {r['ms_median']:.2f} | {fmt(r['gb_s'], '.1f')} | "
-              f"{fmt(r['vs_roofline'], '.2f')} | "
-              f"{fmt(r['vs_torch_lerp'], '.2f')} | {mem_s} |")
+      mem_s = (
+        "- | -"
+        if mem is None
+        else f"{100 * mem['held']:.1f}% | {100 * mem['peak']:.1f}%"
+      )
+      line = (
+        f"| {name} | {r['ms_median']:.2f} | {fmt(r['gb_s'], '.1f')} | "
+        f"{fmt(r['vs_roofline'], '.2f')} | "
+        f"{fmt(r['vs_torch_lerp'], '.2f')} | {mem_s} |"
+      )
       lines.append(line)
       print(line, flush=True)
   if args.json:

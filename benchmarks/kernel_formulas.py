@@ -45,8 +45,10 @@ def main():
   t0 = np.random.default_rng(0).standard_normal(n, dtype=np.float32)
   o = jnp.asarray(np.random.default_rng(1).standard_normal(n, dtype=np.float32))
   m = jnp.float32(0.996)
-  fns = {f.__name__: jax.jit(f, donate_argnums=0)
-         for f in (clipped, two_sided, plain, add)}
+  fns = {
+    f.__name__: jax.jit(f, donate_argnums=0)
+    for f in (clipped, two_sided, plain, add)
+  }
   ts = {k: jnp.asarray(t0) for k in fns}
   for k, f in fns.items():
     ts[k] = f(ts[k], o, m).block_until_ready()

@@ -41,19 +41,24 @@ def main(argv: list[str] | None = None) -> dict:
   args = p.parse_args(argv)
   import jax
   import jax.numpy as jnp
+
   import jepa_ema
 
   n_params = ema_bench.num_params(args.tree)
   trees = [ema_bench.jax_tree(args.tree, seed) for seed in (0, 1)]
   steps = [1000 * (1 + i // 2) for i in range(args.snapshots)]
   sigmas = [(0.05, 0.10)[i % 2] for i in range(args.snapshots)]
-  snaps = [(s, r, (lambda i=i: trees[i % 2]))
-           for i, (s, r) in enumerate(zip(steps, sigmas))]
+  snaps = [
+    (s, r, (lambda i=i: trees[i % 2]))
+    for i, (s, r) in enumerate(zip(steps, sigmas))
+  ]
 
-  flat_t = jnp.asarray(np.random.default_rng(0).standard_normal(
-      n_params, dtype=np.float32))
-  flat_o = jnp.asarray(np.random.default_rng(1).standard_normal(
-      n_params, dtype=np.float32))
+  flat_t = jnp.asarray(
+    np.random.default_rng(0).standard_normal(n_params, dtype=np.float32)
+  )
+  flat_o = jnp.asarray(
+    np.random.default_rng(1).standard_normal(n_params, dtype=np.float32)
+  )
   add = jax.jit(lambda t, o: t + o, donate_argnums=0)
 
   def roofline():
@@ -73,8 +78,11 @@ def main(argv: list[str] | None = None) -> dict:
     f()
   times = {"roofline": [], "reconstruct": [], "weights": []}
   for _ in range(args.rounds):
-    for name, f in (("roofline", roofline), ("reconstruct", reconstruct),
-                    ("weights", weights)):
+    for name, f in (
+      ("roofline", roofline),
+      ("reconstruct", reconstruct),
+      ("weights", weights),
+    ):
       t0 = time.perf_counter()
       f()
       times[name].append(time.perf_counter() - t0)
@@ -82,24 +90,35 @@ def main(argv: list[str] | None = None) -> dict:
   bytes_moved = n_params * 4 * (8 / 4 + 12 / 4 * (args.snapshots - 1))
   roof_bytes = n_params * 4 * 3 * args.snapshots
   result = {
-      "tree": args.tree, "params": n_params, "snapshots": args.snapshots,
-      "rounds": args.rounds, "backend": jax.default_backend(),
-      "median_s": med,
-      "reconstruct_GBps": bytes_moved / med["reconstruct"] / 1e9,
-      "roofline_GBps": roof_bytes / med["roofline"] / 1e9,
-      "reconstruct_vs_roofline": (bytes_moved / med["reconstruct"])
-                                 / (roof_bytes / med["roofline"]),
+    "tree": args.tree,
+    "params": n_params,
+    "snapshots": args.snapshots,
+    "rounds": args.rounds,
+    "backend": jax.default_backend(),
+    "median_s": med,
+    "reconstruct_GBps": bytes_moved / med["reconstruct"] / 1e9,
+    "roofline_GBps": roof_bytes / med["roofline"] / 1e9,
+    "reconstruct_vs_roofline": (bytes_moved / med["reconstruct"])
+    / (roof_bytes / med["roofline"]),
   }
-  print(f"{args.tree} ({n_params / 1e6:.1f} M params), {args.snapshots} "
-        f"snapshots, median of {args.rounds} interleaved rounds on "
-        f"{result['backend']}:")
-  print(f"  posthoc_reconstruct  {med['reconstruct'] * 1e3:8.1f} ms  "
-        f"{result['reconstruct_GBps']:6.1f} GB/s")
-  print(f"  roofline (N x t+o)   {med['roofline'] * 1e3:8.1f} ms  "
-        f"{result['roofline_GBps']:6.1f} GB/s")
+  print(
+    f"{args.tree} ({n_params / 1e6:.1f} M params), {args.snapshots} "
+    f"snapshots, median of {args.rounds} interleaved rounds on "
+    f"{result['backend']}:"
+  )
+  print(
+    f"  posthoc_reconstruct  {med['reconstruct'] * 1e3:8.1f} ms  "
+    f"{result['reconstruct_GBps']:6.1f} GB/s"
+  )
+  print(
+    f"  roofline (N x t+o)   {med['roofline'] * 1e3:8.1f} ms  "
+    f"{result['roofline_GBps']:6.1f} GB/s"
+  )
   print(f"  posthoc_coefficients {med['weights'] * 1e3:8.3f} ms")
-  print(f"  reconstruction at {result['reconstruct_vs_roofline']:.2f}x the "
-        "roofline's bandwidth")
+  print(
+    f"  reconstruction at {result['reconstruct_vs_roofline']:.2f}x the "
+    "roofline's bandwidth"
+  )
   if args.json:
     args.json.write_text(json.dumps(result, indent=1))
   return result

@@ -24,8 +24,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
   schedule = jepa_ema.cosine_momentum(0.9, 1.0, total_steps=args.steps)
   print("cosine momentum schedule (BYOL/DINO form), base 0.9 -> 1.0:")
-  for t in [0, args.steps // 4, args.steps // 2, 3 * args.steps // 4,
-            args.steps]:
+  for t in [
+    0,
+    args.steps // 4,
+    args.steps // 2,
+    3 * args.steps // 4,
+    args.steps,
+  ]:
     print(f"  step {t:5d}: m = {float(schedule(t)):.5f}")
 
   key_w, key_x = jax.random.split(jax.random.key(0))
@@ -45,9 +50,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return optax.apply_updates(params, updates), opt_state, loss
 
   def lag(target, online):
-    num = sum(jnp.sum((t - o) ** 2) for t, o in zip(
-        jax.tree.leaves(target), jax.tree.leaves(online)))
-    den = sum(jnp.sum(o ** 2) for o in jax.tree.leaves(online))
+    num = sum(
+      jnp.sum((t - o) ** 2)
+      for t, o in zip(jax.tree.leaves(target), jax.tree.leaves(online))
+    )
+    den = sum(jnp.sum(o**2) for o in jax.tree.leaves(online))
     return float(jnp.sqrt(num / den))
 
   print("\n step   loss     momentum  |target-online|/|online|")
@@ -57,14 +64,21 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     params, opt_state, loss = train_step(params, opt_state, x)
     if step % max(args.steps // 8, 1) == 0 or step == args.steps - 1:
       target = jepa_ema.get_target(opt_state)
-      print(f"{step:5d}  {float(loss):.5f}  {float(schedule(step)):.5f}"
-            f"   {lag(target, params):.4f}")
+      print(
+        f"{step:5d}  {float(loss):.5f}  {float(schedule(step)):.5f}"
+        f"   {lag(target, params):.4f}"
+      )
 
   target = jepa_ema.get_target(opt_state)
   ema_loss = float(loss_fn(target, x, x @ true_w))
-  print(f"\nfinal online loss {float(loss):.5f}; EMA target loss {ema_loss:.5f}")
-  return {"online_loss": float(loss), "target_loss": ema_loss,
-          "lag": lag(target, params)}
+  print(
+    f"\nfinal online loss {float(loss):.5f}; EMA target loss {ema_loss:.5f}"
+  )
+  return {
+    "online_loss": float(loss),
+    "target_loss": ema_loss,
+    "lag": lag(target, params),
+  }
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def main(steps: int = 30) -> dict[str, float]:
   history = [params]
   for i in range(steps):
     x = jax.random.normal(jax.random.key(i), (32, 4))
-    params, opt_state, ema_state, loss = train_step(params, opt_state,
-                                                    ema_state, x)
+    params, opt_state, ema_state, loss = train_step(
+      params, opt_state, ema_state, x
+    )
     history.append(params)
 
   # Hand-rolled float64 reference over the same trajectory.
@@ -51,15 +52,21 @@ def main(steps: int = 30) -> dict[str, float]:
   ref = [np.asarray(a, np.float64) for a in jax.tree.leaves(history[0])]
   for t, p in enumerate(history[1:]):
     m = float(np.float32(sched(t)))
-    ref = [m * r + (1 - m) * np.asarray(a, np.float64)
-           for r, a in zip(ref, jax.tree.leaves(p))]
-  err = max(float(np.max(np.abs(np.asarray(a) - r)))
-            for a, r in zip(jax.tree.leaves(ema_state.target), ref))
+    ref = [
+      m * r + (1 - m) * np.asarray(a, np.float64)
+      for r, a in zip(ref, jax.tree.leaves(p))
+    ]
+  err = max(
+    float(np.max(np.abs(np.asarray(a) - r)))
+    for a, r in zip(jax.tree.leaves(ema_state.target), ref)
+  )
   teacher = eqx.combine(ema_state.target, static)
   assert isinstance(teacher, eqx.nn.MLP)
   assert err < 1e-5, err
-  print(f"Equinox: {steps} steps, loss {float(loss):.4f}; EMA vs float64 "
-        f"reference max error {err:.1e}")
+  print(
+    f"Equinox: {steps} steps, loss {float(loss):.4f}; EMA vs float64 "
+    f"reference max error {err:.1e}"
+  )
   return {"loss": float(loss), "err": err}
 
 

@@ -37,20 +37,26 @@ def main(steps: int = 30) -> dict[str, float]:
 
   # 1. track_ema in the chain.
   s1 = train_state.TrainState.create(
-      apply_fn=model.apply, params=params,
-      tx=optax.chain(optax.adamw(1e-2), jepa_ema.track_ema(momentum)))
+    apply_fn=model.apply,
+    params=params,
+    tx=optax.chain(optax.adamw(1e-2), jepa_ema.track_ema(momentum)),
+  )
   # 2. The EMA as its own field.
   # (Its own copy of the params: step1 donates the buffers of s1.)
   params2 = jax.tree.map(jnp.copy, params)
-  s2 = EmaTrainState.create(apply_fn=model.apply, params=params2,
-                            tx=optax.adamw(1e-2), ema=ema.init(params2))
+  s2 = EmaTrainState.create(
+    apply_fn=model.apply,
+    params=params2,
+    tx=optax.adamw(1e-2),
+    ema=ema.init(params2),
+  )
 
   def loss_fn(p, x):
     return jnp.mean((model.apply({"params": p}, x) - jnp.cos(x)) ** 2)
 
   def step1(state, x):
     grads = jax.grad(loss_fn)(state.params, x)
-    return state.apply_gradients(grads=grads)   # track_ema runs in tx.update
+    return state.apply_gradients(grads=grads)  # track_ema runs in tx.update
 
   def step2(state, x):
     grads = jax.grad(loss_fn)(state.params, x)
@@ -64,16 +70,19 @@ def main(steps: int = 30) -> dict[str, float]:
     s1, s2 = step1(s1, x), step2(s2, x)
 
   t1, t2 = jepa_ema.get_target(s1.opt_state), s2.ema.target
-  gap = max(float(jnp.max(jnp.abs(a - b)))
-            for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2)))
+  gap = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(t1), jax.tree.leaves(t2))
+  )
   x = jax.random.normal(jax.random.key(99), (64, 4))
-  online_loss, target_loss = float(loss_fn(s2.params, x)), float(
-      loss_fn(t2, x))
+  online_loss, target_loss = float(loss_fn(s2.params, x)), float(loss_fn(t2, x))
   assert int(s2.ema.step) == steps and int(s1.step) == steps
   assert gap < 1e-6, gap
   assert not np.allclose(jax.tree.leaves(t2)[0], jax.tree.leaves(s2.params)[0])
-  print(f"Linen: {steps} steps; online loss {online_loss:.4f}, EMA target "
-        f"loss {target_loss:.4f}; track_ema vs TrainState field gap {gap:.1e}")
+  print(
+    f"Linen: {steps} steps; online loss {online_loss:.4f}, EMA target "
+    f"loss {target_loss:.4f}; track_ema vs TrainState field gap {gap:.1e}"
+  )
   return {"gap": gap, "online_loss": online_loss, "target_loss": target_loss}
 
 

@@ -19,8 +19,8 @@ import jepa_ema
 
 def main(k: int = 4, real_steps: int = 10) -> dict[str, float]:
   tx = optax.MultiSteps(
-      optax.chain(optax.sgd(0.1), jepa_ema.track_ema(0.8)),
-      every_k_schedule=k)
+    optax.chain(optax.sgd(0.1), jepa_ema.track_ema(0.8)), every_k_schedule=k
+  )
   params = {"w": jnp.zeros(3)}
   opt_state = tx.init(params)
 
@@ -42,9 +42,11 @@ def main(k: int = 4, real_steps: int = 10) -> dict[str, float]:
   assert int(ema_state.step) == real_steps, int(ema_state.step)
   assert int(opt_state.gradient_step) == real_steps
   assert err < 1e-6, err
-  print(f"MultiSteps(k={k}): {k * real_steps} mini-steps, EMA step "
-        f"{int(ema_state.step)} == optimizer steps {real_steps}; error vs "
-        f"reference {err:.1e}")
+  print(
+    f"MultiSteps(k={k}): {k * real_steps} mini-steps, EMA step "
+    f"{int(ema_state.step)} == optimizer steps {real_steps}; error vs "
+    f"reference {err:.1e}"
+  )
   return {"ema_step": int(ema_state.step), "err": err}
 
 

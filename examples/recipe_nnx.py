@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 
@@ -24,7 +23,6 @@ import jepa_ema
 
 
 class Encoder(nnx.Module):
-
   def __init__(self, rngs: nnx.Rngs):
     self.l1 = nnx.Linear(4, 16, rngs=rngs)
     self.l2 = nnx.Linear(16, 4, rngs=rngs)
@@ -38,15 +36,15 @@ def main(steps: int = 40) -> dict[str, float]:
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   ema = jepa_ema.ema(jepa_ema.cosine_momentum(0.9, 1.0, total_steps=steps))
-  ema_state = ema.init(params)          # target = a copy of the online params
+  ema_state = ema.init(params)  # target = a copy of the online params
 
   @nnx.jit
   def train_step(model, optimizer, ema_state, x):
-    teacher = nnx.merge(graphdef, ema_state.target, rest)   # target encoder
+    teacher = nnx.merge(graphdef, ema_state.target, rest)  # target encoder
     target = jax.lax.stop_gradient(teacher(x))
 
     def loss_fn(model):
-      noisy = x + 0.1 * jnp.sin(3 * x)                      # a toy "view"
+      noisy = x + 0.1 * jnp.sin(3 * x)  # a toy "view"
       return jnp.mean((model(noisy) - target) ** 2)
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
@@ -66,20 +64,28 @@ def main(steps: int = 40) -> dict[str, float]:
     nnx_ema.update(model)
 
   ours = jax.tree.leaves(const_state.target)
-  theirs = [v[...] for v in jax.tree.leaves(
-      nnx_ema.params, is_leaf=lambda v: isinstance(v, nnx.Variable))]
+  theirs = [
+    v[...]
+    for v in jax.tree.leaves(
+      nnx_ema.params, is_leaf=lambda v: isinstance(v, nnx.Variable)
+    )
+  ]
   gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours, theirs))
   online = nnx.state(model, nnx.Param)
-  lag = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
-      jax.tree.leaves(ema_state.target), jax.tree.leaves(online)))
+  lag = max(
+    float(jnp.max(jnp.abs(a - b)))
+    for a, b in zip(jax.tree.leaves(ema_state.target), jax.tree.leaves(online))
+  )
   assert int(ema_state.step) == steps
   assert gap < 1e-5, f"constant momentum should match nnx.EMA, gap {gap}"
   assert lag > 0, "the target must lag the online model"
   teacher = nnx.merge(graphdef, ema_state.target, rest)
   assert isinstance(teacher, Encoder)
-  print(f"NNX: {steps} steps, loss {float(loss):.4f}; target lags online by "
-        f"{lag:.4f} (max abs); constant momentum vs nnx.EMA: max gap "
-        f"{gap:.1e}")
+  print(
+    f"NNX: {steps} steps, loss {float(loss):.4f}; target lags online by "
+    f"{lag:.4f} (max abs); constant momentum vs nnx.EMA: max gap "
+    f"{gap:.1e}"
+  )
   return {"loss": float(loss), "gap_vs_nnx_ema": gap, "lag": lag}
 
 

@@ -15,8 +15,14 @@ import numpy as np
 
 from jepa_ema import _kernel
 
-__all__ = ["check_drift", "module_name", "drift_modules", "relative_distance",
-           "zero_drift", "next_drift"]
+__all__ = [
+  "check_drift",
+  "module_name",
+  "drift_modules",
+  "relative_distance",
+  "zero_drift",
+  "next_drift",
+]
 
 PyTree = _kernel.PyTree
 
@@ -26,11 +32,15 @@ def check_drift(drift: Any) -> int:
   if isinstance(drift, bool):
     return int(drift)
   if not isinstance(drift, (int, np.integer)):
-    raise TypeError(f"`drift` must be a bool or a positive int (compute it on "
-                    f"every N-th update), got {drift!r}.")
+    raise TypeError(
+      f"`drift` must be a bool or a positive int (compute it on "
+      f"every N-th update), got {drift!r}."
+    )
   if drift < 1:
-    raise ValueError(f"`drift` must be True/False or an int >= 1 (compute it "
-                     f"on every N-th update), got {drift}.")
+    raise ValueError(
+      f"`drift` must be True/False or an int >= 1 (compute it "
+      f"on every N-th update), got {drift}."
+    )
   return int(drift)
 
 
@@ -47,8 +57,11 @@ def module_name(path: tuple) -> str:
 
 def drift_modules(tree: PyTree) -> list[str]:
   """The per-module names :func:`relative_distance` reports for ``tree``."""
-  names = {module_name(path): None for path, x in
-           jax.tree_util.tree_flatten_with_path(tree)[0] if _kernel.is_float_leaf(x)}
+  names = {
+    module_name(path): None
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+    if _kernel.is_float_leaf(x)
+  }
   return [] if "" in names else list(names)
 
 
@@ -72,24 +85,34 @@ def relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
   def ratio(d: jax.Array, n: jax.Array) -> jax.Array:
     safe = jnp.sqrt(d / jnp.where(n > 0, n, 1.0))
     return jnp.where(n > 0, safe, jnp.where(d > 0, jnp.inf, 0.0)).astype(
-        jnp.float32)
+      jnp.float32
+    )
 
   total_d = sum((d for d, _ in sums.values()), jnp.float32(0))
   total_n = sum((n for _, n in sums.values()), jnp.float32(0))
-  return {"global": ratio(total_d, total_n),
-          "per_module": {name: ratio(*sums[name])
-                         for name in drift_modules(target)}}
+  return {
+    "global": ratio(total_d, total_n),
+    "per_module": {name: ratio(*sums[name]) for name in drift_modules(target)},
+  }
 
 
 def zero_drift(params: PyTree) -> dict[str, Any]:
   """The drift of a target equal to the params (no pass over the params)."""
   zero = lambda: jnp.zeros([], jnp.float32)
-  return {"global": zero(), "per_module": {
-      name: zero() for name in drift_modules(params)}}
+  return {
+    "global": zero(),
+    "per_module": {name: zero() for name in drift_modules(params)},
+  }
 
 
-def next_drift(last: Any, target: PyTree, params: PyTree, step: jax.Array,
-                every: int, interval: int) -> Any:
+def next_drift(
+  last: Any,
+  target: PyTree,
+  params: PyTree,
+  step: jax.Array,
+  every: int,
+  interval: int,
+) -> Any:
   """The drift after an update: recomputed on updates ``interval - 1``,
   ``2 * interval - 1``, ... (counted from 0), ``last`` on the others."""
   if interval == 0:
@@ -99,5 +122,6 @@ def next_drift(last: Any, target: PyTree, params: PyTree, step: jax.Array,
   due = (step // every) % interval == interval - 1
   if not isinstance(due, jax.core.Tracer):  # eager: a Python branch
     return relative_distance(target, params) if bool(due) else last
-  return jax.lax.cond(due, lambda: relative_distance(target, params),
-                      lambda: last)
+  return jax.lax.cond(
+    due, lambda: relative_distance(target, params), lambda: last
+  )

@@ -23,13 +23,16 @@ def check_every(every: Any) -> int:
   if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
     raise TypeError(f"`every` must be a positive int, got {every!r}.")
   if every < 1:
-    raise ValueError(f"`every` must be >= 1 (update the target on every "
-                     f"`every`-th step), got {every}.")
+    raise ValueError(
+      f"`every` must be >= 1 (update the target on every "
+      f"`every`-th step), got {every}."
+    )
   return int(every)
 
 
-def window_momentum(schedule: _schedules.Schedule, step: jax.Array,
-                     every: int) -> jax.Array:
+def window_momentum(
+  schedule: _schedules.Schedule, step: jax.Array, every: int
+) -> jax.Array:
   """``prod(schedule(s))`` over the ``every`` steps that end at ``step``.
 
   Computed as ``exp(sum(log1p(-(1 - m_s))))``: ``1 - m_s`` is exact in float32
@@ -41,13 +44,17 @@ def window_momentum(schedule: _schedules.Schedule, step: jax.Array,
   steps = step - (every - 1) + jnp.arange(every, dtype=jnp.int32)
   ms = jnp.asarray(jax.vmap(schedule)(steps))
   if ms.shape != (every,):
-    raise ValueError(f"the schedule {schedule!r} must return a scalar per "
-                     f"step, got shape {ms.shape[1:]}.")
+    raise ValueError(
+      f"the schedule {schedule!r} must return a scalar per "
+      f"step, got shape {ms.shape[1:]}."
+    )
   ms = ms.astype(jnp.float32)
   if not isinstance(ms, jax.core.Tracer):
     bad = np.asarray(ms)
     if not np.all((bad >= 0) & (bad <= 1)):
-      raise ValueError(f"the schedule {schedule!r} returned momenta {bad} for "
-                       f"steps {np.asarray(steps)}; a momentum must lie in "
-                       "[0, 1].")
+      raise ValueError(
+        f"the schedule {schedule!r} returned momenta {bad} for "
+        f"steps {np.asarray(steps)}; a momentum must lie in "
+        "[0, 1]."
+      )
   return jnp.exp(jnp.sum(jnp.log1p(-(1.0 - ms)))).astype(jnp.float32)

@@ -11,7 +11,8 @@ momentum at a step, and the blend itself (the two-sided lerp, see
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +20,19 @@ import numpy as np
 
 from jepa_ema import schedules as _schedules
 
-__all__ = ["ShardingMismatchWarning", "PyTree", "short", "is_array_like",
-           "is_float_leaf", "check_trees", "explicit_spec", "check_shardings",
-           "resolve_momentum", "blend_leaf", "blend_tree"]
+__all__ = [
+  "ShardingMismatchWarning",
+  "PyTree",
+  "short",
+  "is_array_like",
+  "is_float_leaf",
+  "check_trees",
+  "explicit_spec",
+  "check_shardings",
+  "resolve_momentum",
+  "blend_leaf",
+  "blend_tree",
+]
 
 
 class ShardingMismatchWarning(UserWarning):
@@ -47,8 +58,9 @@ def short(x: Any) -> str:
 
 
 def is_array_like(x: Any) -> bool:
-  return isinstance(x, (jax.Array, np.ndarray, np.generic, float, int, complex)
-                    ) and not isinstance(x, bool)
+  return isinstance(
+    x, (jax.Array, np.ndarray, np.generic, float, int, complex)
+  ) and not isinstance(x, bool)
 
 
 def is_float_leaf(x: Any) -> bool:
@@ -61,8 +73,8 @@ def is_float_leaf(x: Any) -> bool:
 
 def check_trees(target: PyTree, online: PyTree) -> None:
   """Raises ValueError naming the first key path where the trees differ."""
-  t_def = jax.tree.structure(target)
-  o_def = jax.tree.structure(online)
+  t_def: Any = jax.tree.structure(target)
+  o_def: Any = jax.tree.structure(online)
   t_leaves, _ = jax.tree_util.tree_flatten_with_path(target)
   o_leaves, _ = jax.tree_util.tree_flatten_with_path(online)
   if t_def != o_def:
@@ -75,20 +87,25 @@ def check_trees(target: PyTree, online: PyTree) -> None:
       if tp != op:
         t_at = jax.tree_util.keystr(tp) if tp is not None else "no more leaves"
         o_at = jax.tree_util.keystr(op) if op is not None else "no more leaves"
-        where = (f" They first differ at leaf #{i}: target has {t_at}, "
-                 f"online has {o_at}.")
+        where = (
+          f" They first differ at leaf #{i}: target has {t_at}, "
+          f"online has {o_at}."
+        )
         break
     raise ValueError(
-        "`target` and `online` must have the same tree structure." + where +
-        f"\n  target structure: {short(t_def)}"
-        f"\n  online structure: {short(o_def)}")
+      "`target` and `online` must have the same tree structure."
+      + where
+      + f"\n  target structure: {short(t_def)}"
+      f"\n  online structure: {short(o_def)}"
+    )
   for (path, t), (_, o) in zip(t_leaves, o_leaves):
     if is_array_like(t) and is_array_like(o):
       if np.shape(t) != np.shape(o):
         raise ValueError(
-            f"`target` and `online` leaf shapes differ at "
-            f"{jax.tree_util.keystr(path) or '<root>'}: target has shape "
-            f"{np.shape(t)}, online has shape {np.shape(o)}.")
+          f"`target` and `online` leaf shapes differ at "
+          f"{jax.tree_util.keystr(path) or '<root>'}: target has shape "
+          f"{np.shape(t)}, online has shape {np.shape(o)}."
+        )
 
 
 def explicit_spec(x: Any) -> tuple | None:
@@ -101,8 +118,9 @@ def explicit_spec(x: Any) -> tuple | None:
   spec = getattr(sharding, "spec", None)
   if mesh is None or spec is None or getattr(mesh, "empty", True):
     return None
-  if not any(t == jax.sharding.AxisType.Explicit
-             for t in getattr(mesh, "axis_types", ())):
+  if not any(
+    t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())
+  ):
     return None
   entries = list(spec) + [None] * (np.ndim(x) - len(spec))
   return tuple(entries)
@@ -127,23 +145,26 @@ def check_shardings(target: PyTree, online: PyTree) -> None:
     if t_spec is not None and o_spec is not None:
       if t_spec != o_spec:
         raise ValueError(
-            f"target and online are sharded differently at {where}: target "
-            f"P{t_spec}, online P{o_spec} (explicit mesh axes). Build the "
-            "target with ema().init(params), or reshard one side with "
-            "jax.sharding.reshard; the EMA update is elementwise and must "
-            "not move data between devices.")
+          f"target and online are sharded differently at {where}: target "
+          f"P{t_spec}, online P{o_spec} (explicit mesh axes). Build the "
+          "target with ema().init(params), or reshard one side with "
+          "jax.sharding.reshard; the EMA update is elementwise and must "
+          "not move data between devices."
+        )
       continue
     if isinstance(t, jax.core.Tracer) or isinstance(o, jax.core.Tracer):
       continue  # auto sharding under jit: the compiler picks the layouts
     ts, os_ = t.sharding, o.sharding
     if ts != os_ and not ts.is_equivalent_to(os_, t.ndim):
       warnings.warn(
-          f"target and online are sharded differently at {where}: target "
-          f"{ts}, online {os_}. The EMA update then needs cross-device "
-          "communication on every step; build the target with "
-          "ema().init(params) or jax.device_put it with "
-          "jepa_ema.state_shardings(params).",
-          ShardingMismatchWarning, stacklevel=3)
+        f"target and online are sharded differently at {where}: target "
+        f"{ts}, online {os_}. The EMA update then needs cross-device "
+        "communication on every step; build the target with "
+        "ema().init(params) or jax.device_put it with "
+        "jepa_ema.state_shardings(params).",
+        ShardingMismatchWarning,
+        stacklevel=3,
+      )
       return
 
 
@@ -160,22 +181,30 @@ def resolve_momentum(momentum: Any, step: jax.typing.ArrayLike) -> jax.Array:
     what = "momentum"
   if isinstance(m, bool) or jnp.ndim(m) != 0:
     raise ValueError(
-        f"{what} must be a scalar, got shape {jnp.shape(m)}: {short(m)}.")
+      f"{what} must be a scalar, got shape {jnp.shape(m)}: {short(m)}."
+    )
   if not jnp.issubdtype(jnp.result_type(m), jnp.floating) and not (
-      jnp.issubdtype(jnp.result_type(m), jnp.integer)):
-    raise TypeError(f"{what} must be a real scalar, got dtype "
-                    f"{jnp.result_type(m)}.")
+    jnp.issubdtype(jnp.result_type(m), jnp.integer)
+  ):
+    raise TypeError(
+      f"{what} must be a real scalar, got dtype {jnp.result_type(m)}."
+    )
   if not isinstance(m, jax.core.Tracer):
     v = float(m)
     if not 0.0 <= v <= 1.0:  # also rejects NaN
       raise ValueError(
-          f"{what} {v!r} at step {short(step)}; a momentum must lie in "
-          "[0, 1] (it is the weight on the old target).")
+        f"{what} {v!r} at step {short(step)}; a momentum must lie in "
+        "[0, 1] (it is the weight on the old target)."
+      )
   return jnp.asarray(m).astype(jnp.float32)
 
 
-def blend_leaf(t: Any, o: Any, m: jax.Array,
-               rounder: Callable[[jax.Array], jax.Array] | None = None) -> Any:
+def blend_leaf(
+  t: Any,
+  o: Any,
+  m: jax.Array,
+  rounder: Callable[[jax.Array], jax.Array] | None = None,
+) -> Any:
   """EMA of one leaf: float leaves blended in the target's dtype.
 
   With a ``rounder`` (float32 -> bfloat16, e.g. the stochastic rounding of
@@ -207,12 +236,20 @@ def blend_leaf(t: Any, o: Any, m: jax.Array,
   return mixed.astype(out_dtype)
 
 
-def blend_tree(target: PyTree, online: PyTree, m: jax.Array,
-               rounders: Sequence[Callable[[jax.Array], jax.Array] | None]
-               | None = None) -> PyTree:
+def blend_tree(
+  target: PyTree,
+  online: PyTree,
+  m: jax.Array,
+  rounders: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+) -> PyTree:
   """:func:`blend_leaf` over checked trees; ``rounders``: one per target leaf."""
-  leaves, treedef = jax.tree.flatten(target)
+  leaves, treedef_ = jax.tree.flatten(target)
+  treedef: Any = treedef_
   rounders = rounders if rounders is not None else [None] * len(leaves)
-  return jax.tree.unflatten(treedef, [
-      blend_leaf(t, o, m, r) for t, o, r in
-      zip(leaves, treedef.flatten_up_to(online), rounders)])
+  return jax.tree.unflatten(
+    treedef,
+    [
+      blend_leaf(t, o, m, r)
+      for t, o, r in zip(leaves, treedef.flatten_up_to(online), rounders)
+    ],
+  )

@@ -10,25 +10,36 @@ reproducible, independent of the sharding and needs no key update.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_rounding", "check_key", "wrap_key", "round_seeds", "hash32",
-           "element_index", "stochastic_round_bf16", "rounders"]
+__all__ = [
+  "check_rounding",
+  "check_key",
+  "wrap_key",
+  "round_seeds",
+  "hash32",
+  "element_index",
+  "stochastic_round_bf16",
+  "rounders",
+]
 
 
 def check_rounding(rounding: Any, dtype: Any) -> str:
   if rounding not in ("nearest", "stochastic"):
-    raise ValueError(f"`rounding` must be 'nearest' or 'stochastic', got "
-                     f"{rounding!r}.")
+    raise ValueError(
+      f"`rounding` must be 'nearest' or 'stochastic', got {rounding!r}."
+    )
   if rounding == "stochastic" and dtype is not None and dtype != jnp.bfloat16:
     raise ValueError(
-        f"rounding='stochastic' rounds float32 results to a bfloat16 target; "
-        f"it needs dtype=jnp.bfloat16 (or dtype=None with bfloat16 params), "
-        f"got dtype={dtype}.")
+      f"rounding='stochastic' rounds float32 results to a bfloat16 target; "
+      f"it needs dtype=jnp.bfloat16 (or dtype=None with bfloat16 params), "
+      f"got dtype={dtype}."
+    )
   return rounding
 
 
@@ -36,28 +47,36 @@ def check_key(key: Any) -> tuple[jax.Array, Any]:
   """``(uint32 key data, impl)`` of an int seed or a PRNG key."""
   if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
     key = jax.random.key(int(key))
-  if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype,
-                                                   jax.dtypes.prng_key):
+  if isinstance(key, jax.Array) and jnp.issubdtype(
+    key.dtype, jax.dtypes.prng_key
+  ):
     if key.shape:
-      raise ValueError(f"`key` must be a single PRNG key, got shape "
-                       f"{key.shape}.")
+      raise ValueError(
+        f"`key` must be a single PRNG key, got shape {key.shape}."
+      )
     return jax.random.key_data(key), jax.random.key_impl(key)
   if isinstance(key, (jax.Array, np.ndarray)) and key.dtype == np.uint32:
     return jnp.asarray(key), None  # raw (legacy jax.random.PRNGKey) key data
-  raise TypeError(f"`key` must be an int seed or a jax.random.key, got "
-                  f"{key!r}.")
+  raise TypeError(
+    f"`key` must be an int seed or a jax.random.key, got {key!r}."
+  )
 
 
 def wrap_key(key_data: jax.Array, impl: Any) -> jax.Array:
-  return (jax.random.wrap_key_data(key_data, impl=impl) if impl is not None
-          else jax.random.wrap_key_data(key_data))
+  return (
+    jax.random.wrap_key_data(key_data, impl=impl)
+    if impl is not None
+    else jax.random.wrap_key_data(key_data)
+  )
 
 
-def round_seeds(key: jax.Array, impl: Any, step: jax.Array,
-                 n: int) -> jax.Array:
+def round_seeds(
+  key: jax.Array, impl: Any, step: jax.Array, n: int
+) -> jax.Array:
   """n uint32 seeds, a pure function of (key, step): one per target leaf."""
-  return jax.random.bits(jax.random.fold_in(wrap_key(key, impl), step), (n,),
-                         jnp.uint32)
+  return jax.random.bits(
+    jax.random.fold_in(wrap_key(key, impl), step), (n,), jnp.uint32
+  )
 
 
 def hash32(x: jax.Array) -> jax.Array:
@@ -75,7 +94,8 @@ def element_index(shape: tuple[int, ...]) -> jax.Array:
   stride = 1
   for d in reversed(range(len(shape))):
     idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(
-        stride % 2**32)
+      stride % 2**32
+    )
     stride *= shape[d]
   return idx
 
@@ -99,9 +119,12 @@ def stochastic_round_bf16(x: jax.Array, seed: jax.Array) -> jax.Array:
   return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), out)
 
 
-def rounders(key: jax.Array, impl: Any, step: jax.Array, n: int
-             ) -> list[Callable[[jax.Array], jax.Array]]:
+def rounders(
+  key: jax.Array, impl: Any, step: jax.Array, n: int
+) -> list[Callable[[jax.Array], jax.Array]]:
   """One stochastic rounder per target leaf for the update at ``step``: a
   pure function of (key, step, leaf, element position)."""
-  return [functools.partial(stochastic_round_bf16, seed=seed)
-          for seed in round_seeds(key, impl, step, n)]
+  return [
+    functools.partial(stochastic_round_bf16, seed=seed)
+    for seed in round_seeds(key, impl, step, n)
+  ]

@@ -29,7 +29,8 @@ import os
 import pathlib
 import re
 import shutil
-from typing import Any, Callable, Iterable, Iterator, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -38,8 +39,12 @@ import numpy as np
 from jepa_ema import schedules as _schedules
 from jepa_ema.transform import EmaState
 
-__all__ = ["posthoc_coefficients", "posthoc_reconstruct", "PostHocSnapshots",
-           "SnapshotError"]
+__all__ = [
+  "posthoc_coefficients",
+  "posthoc_reconstruct",
+  "PostHocSnapshots",
+  "SnapshotError",
+]
 
 PyTree = Any
 Snapshot = tuple[int, float, Union[PyTree, Callable[[], PyTree]]]
@@ -53,14 +58,15 @@ class SnapshotError(ValueError):
 # ------------------------------------------------------------------ weights
 
 
-def _p_dot_p(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray,
-             g_b: np.ndarray) -> np.ndarray:
+def _p_dot_p(
+  t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray
+) -> np.ndarray:
   """Inner products of power-function profiles (EDM2, appendix C.3):
   ``int_0^inf p_a(tau) p_b(tau) dtau`` with ``p(tau) = (g+1) tau^g / t^(g+1)``
   on ``[0, t]``."""
   ratio = t_a / t_b
   exponent = np.where(t_a < t_b, g_b, -g_a)
-  num = (g_a + 1.0) * (g_b + 1.0) * ratio ** exponent
+  num = (g_a + 1.0) * (g_b + 1.0) * ratio**exponent
   return num / ((g_a + g_b + 1.0) * np.maximum(t_a, t_b))
 
 
@@ -68,8 +74,9 @@ def _as_vector(name: str, values: Any) -> np.ndarray:
   try:
     v = np.asarray(values, dtype=np.float64)
   except (TypeError, ValueError):
-    raise TypeError(f"`{name}` must be a sequence of numbers, got "
-                    f"{values!r}.") from None
+    raise TypeError(
+      f"`{name}` must be a sequence of numbers, got {values!r}."
+    ) from None
   if v.ndim != 1:
     raise ValueError(f"`{name}` must be one-dimensional, got shape {v.shape}.")
   if not np.all(np.isfinite(v)):
@@ -77,9 +84,13 @@ def _as_vector(name: str, values: Any) -> np.ndarray:
   return v
 
 
-def posthoc_coefficients(steps: Sequence[int], sigma_rels: Sequence[float], *,
-                         sigma_rel: float, step: int | None = None
-                         ) -> np.ndarray:
+def posthoc_coefficients(
+  steps: Sequence[int],
+  sigma_rels: Sequence[float],
+  *,
+  sigma_rel: float,
+  step: int | None = None,
+) -> np.ndarray:
   r"""Weights that turn snapshots into the EMA of another profile (EDM2 Alg. 3).
 
   Snapshot ``i`` is a power-function EMA of width ``sigma_rels[i]`` saved
@@ -132,22 +143,29 @@ def posthoc_coefficients(steps: Sequence[int], sigma_rels: Sequence[float], *,
   if t.size == 0:
     raise ValueError("`steps` is empty: give at least one snapshot.")
   if t.shape != s.shape:
-    raise ValueError(f"`steps` and `sigma_rels` must have the same length, got "
-                     f"{t.size} and {s.size}.")
+    raise ValueError(
+      f"`steps` and `sigma_rels` must have the same length, got "
+      f"{t.size} and {s.size}."
+    )
   if np.any(t < 1):
-    raise ValueError(f"every snapshot step must be >= 1 (a snapshot at step 0 "
-                     f"is the initialisation, with no profile), got {steps!r}.")
+    raise ValueError(
+      f"every snapshot step must be >= 1 (a snapshot at step 0 "
+      f"is the initialisation, with no profile), got {steps!r}."
+    )
   gammas = np.array([_schedules.sigma_rel_to_gamma(float(v)) for v in s])
   gamma = _schedules.sigma_rel_to_gamma(sigma_rel)
   last = float(t.max())
   out_t = last if step is None else float(step)
-  if not (isinstance(step, (int, np.integer, float)) or step is None) or \
-      isinstance(step, bool):
+  if not (
+    isinstance(step, (int, np.integer, float)) or step is None
+  ) or isinstance(step, bool):
     raise TypeError(f"`step` must be an int, got {step!r}.")
   if not 1 <= out_t <= last:
-    raise ValueError(f"`step` must be in [1, {last:g}] (the saved steps; a "
-                     f"profile beyond the last snapshot cannot be "
-                     f"reconstructed), got {step!r}.")
+    raise ValueError(
+      f"`step` must be in [1, {last:g}] (the saved steps; a "
+      f"profile beyond the last snapshot cannot be "
+      f"reconstructed), got {step!r}."
+    )
   a = _p_dot_p(t[:, None], gammas[:, None], t[None, :], gammas[None, :])
   b = _p_dot_p(t, gammas, np.float64(out_t), np.float64(gamma))
   x = np.linalg.lstsq(a, b, rcond=None)[0]
@@ -168,18 +186,24 @@ def _acc_dtype(dtype: Any) -> Any:
 @jax.jit
 def _scaled(tree: PyTree, w: jax.Array) -> PyTree:
   return jax.tree.map(
-      lambda x: x.astype(_acc_dtype(x.dtype)) * w.astype(_acc_dtype(x.dtype)),
-      tree)
+    lambda x: x.astype(_acc_dtype(x.dtype)) * w.astype(_acc_dtype(x.dtype)),
+    tree,
+  )
 
 
 @functools.partial(jax.jit, donate_argnums=0)  # the accumulator, in place
 def _axpy(acc: PyTree, tree: PyTree, w: jax.Array) -> PyTree:
   return jax.tree.map(
-      lambda a, x: a + x.astype(a.dtype) * w.astype(a.dtype), acc, tree)
+    lambda a, x: a + x.astype(a.dtype) * w.astype(a.dtype), acc, tree
+  )
 
 
-def posthoc_reconstruct(snapshots: Iterable[Snapshot] | str | os.PathLike, *,
-                        sigma_rel: float, step: int | None = None) -> PyTree:
+def posthoc_reconstruct(
+  snapshots: Iterable[Snapshot] | str | os.PathLike,
+  *,
+  sigma_rel: float,
+  step: int | None = None,
+) -> PyTree:
   """The EMA of width ``sigma_rel`` at ``step``, rebuilt from snapshots.
 
   Returns ``sum_i x_i * target_i`` with ``x = posthoc_coefficients(...)``.
@@ -222,10 +246,16 @@ def posthoc_reconstruct(snapshots: Iterable[Snapshot] | str | os.PathLike, *,
   items = list(snapshots)
   for i, item in enumerate(items):
     if not (isinstance(item, tuple) and len(item) == 3):
-      raise ValueError(f"snapshot #{i} must be a (step, sigma_rel, target) "
-                       f"tuple, got {type(item).__name__}.")
-  x = posthoc_coefficients([it[0] for it in items], [it[1] for it in items],
-                           sigma_rel=sigma_rel, step=step)
+      raise ValueError(
+        f"snapshot #{i} must be a (step, sigma_rel, target) "
+        f"tuple, got {type(item).__name__}."
+      )
+  x = posthoc_coefficients(
+    [it[0] for it in items],
+    [it[1] for it in items],
+    sigma_rel=sigma_rel,
+    step=step,
+  )
   acc = None
   structure = None
   out_dtypes: list[Any] = []
@@ -234,13 +264,15 @@ def posthoc_reconstruct(snapshots: Iterable[Snapshot] | str | os.PathLike, *,
     tree = target() if callable(target) else target
     if structure is None:
       structure = jax.tree.structure(tree)
-      out_dtypes = [getattr(leaf, "dtype", None)
-                    for leaf in jax.tree.leaves(tree)]
+      out_dtypes = [
+        getattr(leaf, "dtype", None) for leaf in jax.tree.leaves(tree)
+      ]
     elif jax.tree.structure(tree) != structure:
       raise ValueError(
-          f"snapshot #{i} (step {s}, sigma_rel {r}) has a different tree "
-          f"structure from snapshot #0:\n  {jax.tree.structure(tree)}\n  vs "
-          f"{structure}")
+        f"snapshot #{i} (step {s}, sigma_rel {r}) has a different tree "
+        f"structure from snapshot #0:\n  {jax.tree.structure(tree)}\n  vs "
+        f"{structure}"
+      )
     leaves = jax.tree.leaves(tree)
     del tree
     others = [None if _is_float(v) else v for v in leaves]
@@ -254,8 +286,10 @@ def posthoc_reconstruct(snapshots: Iterable[Snapshot] | str | os.PathLike, *,
     acc = jax.block_until_ready(acc)
   assert structure is not None
   acc_leaves = iter(jax.tree.leaves(acc))
-  out = [next(acc_leaves).astype(dt) if other is None else other
-         for other, dt in zip(others, out_dtypes)]
+  out = [
+    next(acc_leaves).astype(dt) if other is None else other
+    for other, dt in zip(others, out_dtypes)
+  ]
   return jax.tree.unflatten(structure, out)
 
 
@@ -308,9 +342,14 @@ class PostHocSnapshots:
     [9.32 9.32] [9.32 9.32]
   """
 
-  def __init__(self, directory: str | os.PathLike,
-               sigma_rels: Sequence[float] | None = None, *,
-               every: int | None = None, dtype: Any = None) -> None:
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    sigma_rels: Sequence[float] | None = None,
+    *,
+    every: int | None = None,
+    dtype: Any = None,
+  ) -> None:
     self.directory = pathlib.Path(directory)
     config_path = self.directory / _CONFIG
     if config_path.exists():
@@ -321,43 +360,59 @@ class PostHocSnapshots:
         saved_dtype = saved["dtype"]
       except (ValueError, KeyError, TypeError) as e:
         raise SnapshotError(f"{config_path} is damaged ({e}).") from e
-      given = {"sigma_rels": None if sigma_rels is None else tuple(
-                   float(v) for v in sigma_rels),
-               "every": every,
-               "dtype": None if dtype is None else jnp.dtype(dtype).name}
-      for name, now, before in (("sigma_rels", given["sigma_rels"],
-                                 saved_sigmas),
-                                ("every", given["every"], saved_every),
-                                ("dtype", given["dtype"], saved_dtype)):
+      given = {
+        "sigma_rels": None
+        if sigma_rels is None
+        else tuple(float(v) for v in sigma_rels),
+        "every": every,
+        "dtype": None if dtype is None else jnp.dtype(dtype).name,
+      }
+      for name, now, before in (
+        ("sigma_rels", given["sigma_rels"], saved_sigmas),
+        ("every", given["every"], saved_every),
+        ("dtype", given["dtype"], saved_dtype),
+      ):
         if now is not None and now != before:
           raise SnapshotError(
-              f"{self.directory} holds snapshots written with {name}="
-              f"{before!r}, not {now!r}; use another directory.")
+            f"{self.directory} holds snapshots written with {name}="
+            f"{before!r}, not {now!r}; use another directory."
+          )
       self.sigma_rels, self.every = saved_sigmas, saved_every
       self.dtype = None if saved_dtype is None else jnp.dtype(saved_dtype)
     else:
       if sigma_rels is None or every is None:
         raise SnapshotError(
-            f"{self.directory} holds no snapshots ({_CONFIG} is missing); "
-            "give `sigma_rels` and `every` to start writing there.")
+          f"{self.directory} holds no snapshots ({_CONFIG} is missing); "
+          "give `sigma_rels` and `every` to start writing there."
+        )
       self.sigma_rels = tuple(float(v) for v in sigma_rels)
       if not self.sigma_rels:
         raise ValueError("`sigma_rels` is empty.")
       for s in self.sigma_rels:
         _schedules.sigma_rel_to_gamma(s)  # validates the range
-      if isinstance(every, bool) or not isinstance(every, (int, np.integer)) \
-          or every < 1:
+      if (
+        isinstance(every, bool)
+        or not isinstance(every, (int, np.integer))
+        or every < 1
+      ):
         raise ValueError(f"`every` must be a positive int, got {every!r}.")
       self.every = int(every)
       self.dtype = None if dtype is None else jnp.dtype(dtype)
-      if self.dtype is not None and not jnp.issubdtype(self.dtype,
-                                                       jnp.floating):
+      if self.dtype is not None and not jnp.issubdtype(
+        self.dtype, jnp.floating
+      ):
         raise ValueError(f"`dtype` must be a floating dtype, got {dtype!r}.")
       self.directory.mkdir(parents=True, exist_ok=True)
       tmp = config_path.with_suffix(".tmp")
-      tmp.write_text(json.dumps({
-          "sigma_rels": list(self.sigma_rels), "every": self.every,
-          "dtype": None if self.dtype is None else self.dtype.name}))
+      tmp.write_text(
+        json.dumps(
+          {
+            "sigma_rels": list(self.sigma_rels),
+            "every": self.every,
+            "dtype": None if self.dtype is None else self.dtype.name,
+          }
+        )
+      )
       os.replace(tmp, config_path)
 
   # -- write side
@@ -365,11 +420,13 @@ class PostHocSnapshots:
   def _states(self, state: Any) -> tuple[EmaState, ...]:
     states = (state,) if isinstance(state, EmaState) else tuple(state)
     if len(states) != len(self.sigma_rels) or not all(
-        isinstance(s, EmaState) for s in states):
+      isinstance(s, EmaState) for s in states
+    ):
       raise ValueError(
-          f"expected a tuple of {len(self.sigma_rels)} EmaState (one per "
-          f"sigma_rel {self.sigma_rels}), got {type(state).__name__} of "
-          f"{len(states)}.")
+        f"expected a tuple of {len(self.sigma_rels)} EmaState (one per "
+        f"sigma_rel {self.sigma_rels}), got {type(state).__name__} of "
+        f"{len(states)}."
+      )
     return states
 
   def maybe_save(self, state: EmaState | Sequence[EmaState]) -> bool:
@@ -387,6 +444,7 @@ class PostHocSnapshots:
     if step < 1 or step % self.every:
       return False
     import orbax.checkpoint as ocp
+
     wrote = False
     for i, s in enumerate(states):
       path = self.directory / f"{step:010d}-{i:02d}"
@@ -397,13 +455,15 @@ class PostHocSnapshots:
       target = s.target
       if self.dtype is not None:
         target = jax.tree.map(
-            lambda x: x.astype(self.dtype) if _is_float(x) else x, target)
+          lambda x: x.astype(self.dtype) if _is_float(x) else x, target
+        )
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((path / "target").resolve(), target)
         ckptr.wait_until_finished()
       tmp = path / (_META + ".tmp")
-      tmp.write_text(json.dumps({"step": step, "sigma_rel": self.sigma_rels[i],
-                                 "index": i}))
+      tmp.write_text(
+        json.dumps({"step": step, "sigma_rel": self.sigma_rels[i], "index": i})
+      )
       os.replace(tmp, path / _META)
       wrote = True
     return wrote
@@ -420,27 +480,35 @@ class PostHocSnapshots:
       match = _NAME.match(path.name)
       if match is None or not path.is_dir():
         raise SnapshotError(
-            f"{path} does not belong in a snapshot directory (expected "
-            f"folders named STEP-INDEX and {_CONFIG}); move it away.")
+          f"{path} does not belong in a snapshot directory (expected "
+          f"folders named STEP-INDEX and {_CONFIG}); move it away."
+        )
       meta_path = path / _META
       if not meta_path.exists():
         raise SnapshotError(
-            f"{path} is an incomplete snapshot (no {_META}: its writer was "
-            "probably killed while saving). Remove it to use the others; the "
-            "next maybe_save at that step rewrites it.")
+          f"{path} is an incomplete snapshot (no {_META}: its writer was "
+          "probably killed while saving). Remove it to use the others; the "
+          "next maybe_save at that step rewrites it."
+        )
       try:
         meta = json.loads(meta_path.read_text())
-        step, sigma, index = int(meta["step"]), float(meta["sigma_rel"]), int(
-            meta["index"])
+        step, sigma, index = (
+          int(meta["step"]),
+          float(meta["sigma_rel"]),
+          int(meta["index"]),
+        )
       except (ValueError, KeyError, TypeError) as e:
         raise SnapshotError(f"{meta_path} is damaged ({e}).") from e
-      if (step, index) != (int(match[1]), int(match[2])) or not (
-          0 <= index < len(self.sigma_rels)) or not math.isclose(
-              sigma, self.sigma_rels[index], rel_tol=0, abs_tol=0):
+      if (
+        (step, index) != (int(match[1]), int(match[2]))
+        or not (0 <= index < len(self.sigma_rels))
+        or not math.isclose(sigma, self.sigma_rels[index], rel_tol=0, abs_tol=0)
+      ):
         raise SnapshotError(
-            f"{meta_path} says step {step}, sigma_rel {sigma}, index {index}, "
-            f"which does not match its folder name or the directory's "
-            f"sigma_rels {self.sigma_rels}; the directory is mixed up.")
+          f"{meta_path} says step {step}, sigma_rel {sigma}, index {index}, "
+          f"which does not match its folder name or the directory's "
+          f"sigma_rels {self.sigma_rels}; the directory is mixed up."
+        )
       entries.append((step, sigma, path / "target"))
     return entries
 
@@ -462,9 +530,11 @@ class _Loader:
 
   def __call__(self) -> PyTree:
     import orbax.checkpoint as ocp
+
     try:
       with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(self.path.resolve())
     except Exception as e:  # orbax raises many types for damaged files
-      raise SnapshotError(f"cannot restore the snapshot in {self.path}: "
-                          f"{type(e).__name__}: {e}") from e
+      raise SnapshotError(
+        f"cannot restore the snapshot in {self.path}: {type(e).__name__}: {e}"
+      ) from e

@@ -34,32 +34,33 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "Schedule",
-    "MomentumLike",
-    "ConstantMomentum",
-    "CosineMomentum",
-    "LinearMomentum",
-    "WarmupMomentum",
-    "constant_momentum",
-    "cosine_momentum",
-    "linear_momentum",
-    "warmup_momentum",
-    "ScaledMomentum",
-    "HalflifeMomentum",
-    "PowerMomentum",
-    "scale_momentum",
-    "halflife_momentum",
-    "power_momentum",
-    "gamma_to_sigma_rel",
-    "sigma_rel_to_gamma",
-    "as_schedule",
+  "Schedule",
+  "MomentumLike",
+  "ConstantMomentum",
+  "CosineMomentum",
+  "LinearMomentum",
+  "WarmupMomentum",
+  "constant_momentum",
+  "cosine_momentum",
+  "linear_momentum",
+  "warmup_momentum",
+  "ScaledMomentum",
+  "HalflifeMomentum",
+  "PowerMomentum",
+  "scale_momentum",
+  "halflife_momentum",
+  "power_momentum",
+  "gamma_to_sigma_rel",
+  "sigma_rel_to_gamma",
+  "as_schedule",
 ]
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
@@ -76,19 +77,28 @@ def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 
 
-def _check_float(name: str, value: Any, lo: float | None = None,
-                 hi: float | None = None, *, lo_open: bool = False) -> float:
+def _check_float(
+  name: str,
+  value: Any,
+  lo: float | None = None,
+  hi: float | None = None,
+  *,
+  lo_open: bool = False,
+) -> float:
   """Returns ``value`` as a Python float, or raises a message naming ``name``."""
   if isinstance(value, bool) or not (
-      isinstance(value, numbers.Real)
-      or (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0)):
+    isinstance(value, numbers.Real)
+    or (isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0)
+  ):
     raise TypeError(
-        f"`{name}` must be a real number, got {value!r} "
-        f"(type {type(value).__name__}).")
+      f"`{name}` must be a real number, got {value!r} "
+      f"(type {type(value).__name__})."
+    )
   if not _is_concrete(value):
     raise TypeError(
-        f"`{name}` must be a concrete number when the schedule is built, got a "
-        "traced value; build schedules outside `jax.jit`.")
+      f"`{name}` must be a concrete number when the schedule is built, got a "
+      "traced value; build schedules outside `jax.jit`."
+    )
   v = float(value)
   if not math.isfinite(v):
     raise ValueError(f"`{name}` must be finite, got {v!r}.")
@@ -104,19 +114,22 @@ def _check_momentum(name: str, value: Any) -> float:
   try:
     return _check_float(name, value, 0.0, 1.0)
   except ValueError as e:
-    raise ValueError(f"{e} A momentum is the weight on the old target and "
-                     "must lie in [0, 1].") from None
+    raise ValueError(
+      f"{e} A momentum is the weight on the old target and must lie in [0, 1]."
+    ) from None
 
 
 def _check_int(name: str, value: Any, lo: int = 0) -> int:
   if isinstance(value, bool) or not isinstance(
-      value, (numbers.Integral, np.integer)):
+    value, (numbers.Integral, np.integer)
+  ):
     if isinstance(value, float) and value.is_integer():
       value = int(value)
     else:
       raise TypeError(
-          f"`{name}` must be an integer, got {value!r} "
-          f"(type {type(value).__name__}).")
+        f"`{name}` must be an integer, got {value!r} "
+        f"(type {type(value).__name__})."
+      )
   v = int(value)
   if v < lo:
     raise ValueError(f"`{name}` must be >= {lo}, got {v}.")
@@ -138,8 +151,9 @@ class ConstantMomentum:
   momentum: float
 
   def __post_init__(self) -> None:
-    object.__setattr__(self, "momentum",
-                       _check_momentum("momentum", self.momentum))
+    object.__setattr__(
+      self, "momentum", _check_momentum("momentum", self.momentum)
+    )
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     return jnp.full(jnp.shape(step), self.momentum, dtype=jnp.float32)
@@ -156,8 +170,9 @@ class CosineMomentum:
   def __post_init__(self) -> None:
     object.__setattr__(self, "base", _check_momentum("base", self.base))
     object.__setattr__(self, "final", _check_momentum("final", self.final))
-    object.__setattr__(self, "total_steps",
-                       _check_float("total_steps", self.total_steps, 0.0))
+    object.__setattr__(
+      self, "total_steps", _check_float("total_steps", self.total_steps, 0.0)
+    )
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = _step_f32(step)
@@ -165,8 +180,9 @@ class CosineMomentum:
       return jnp.full(jnp.shape(t), self.final, dtype=jnp.float32)
     frac = jnp.clip(t / np.float32(self.total_steps), 0.0, 1.0)
     cos = (1.0 + jnp.cos(np.float32(math.pi) * frac)) / 2.0
-    return (np.float32(self.final)
-            - np.float32(self.final - self.base) * cos).astype(jnp.float32)
+    return (
+      np.float32(self.final) - np.float32(self.final - self.base) * cos
+    ).astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,8 +196,9 @@ class LinearMomentum:
   def __post_init__(self) -> None:
     object.__setattr__(self, "base", _check_momentum("base", self.base))
     object.__setattr__(self, "final", _check_momentum("final", self.final))
-    object.__setattr__(self, "total_steps",
-                       _check_float("total_steps", self.total_steps, 0.0))
+    object.__setattr__(
+      self, "total_steps", _check_float("total_steps", self.total_steps, 0.0)
+    )
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = _step_f32(step)
@@ -209,21 +226,28 @@ class WarmupMomentum:
     mn = _check_momentum("min_momentum", self.min_momentum)
     if mn > mx:
       raise ValueError(
-          f"`min_momentum` ({mn!r}) must be <= `max_momentum` ({mx!r}).")
+        f"`min_momentum` ({mn!r}) must be <= `max_momentum` ({mx!r})."
+      )
     object.__setattr__(self, "max_momentum", mx)
     object.__setattr__(self, "min_momentum", mn)
-    object.__setattr__(self, "inv_gamma", _check_float(
-        "inv_gamma", self.inv_gamma, 0.0, lo_open=True))
-    object.__setattr__(self, "power", _check_float(
-        "power", self.power, 0.0, lo_open=True))
-    object.__setattr__(self, "start_step",
-                       _check_int("start_step", self.start_step))
+    object.__setattr__(
+      self,
+      "inv_gamma",
+      _check_float("inv_gamma", self.inv_gamma, 0.0, lo_open=True),
+    )
+    object.__setattr__(
+      self, "power", _check_float("power", self.power, 0.0, lo_open=True)
+    )
+    object.__setattr__(
+      self, "start_step", _check_int("start_step", self.start_step)
+    )
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = jnp.maximum(_step_f32(step) - np.float32(self.start_step), 0.0)
     m = 1.0 - (1.0 + t / np.float32(self.inv_gamma)) ** np.float32(-self.power)
-    return jnp.clip(m, np.float32(self.min_momentum),
-                    np.float32(self.max_momentum)).astype(jnp.float32)
+    return jnp.clip(
+      m, np.float32(self.min_momentum), np.float32(self.max_momentum)
+    ).astype(jnp.float32)
 
 
 # --------------------------------------------------------------- constructors
@@ -255,8 +279,9 @@ def constant_momentum(momentum: float) -> ConstantMomentum:
   return ConstantMomentum(momentum)
 
 
-def cosine_momentum(base: float = 0.996, final: float = 1.0, *,
-                    total_steps: float) -> CosineMomentum:
+def cosine_momentum(
+  base: float = 0.996, final: float = 1.0, *, total_steps: float
+) -> CosineMomentum:
   r"""Constructs the cosine momentum schedule of BYOL, DINO and MoCo v3.
 
   .. math::
@@ -294,8 +319,9 @@ def cosine_momentum(base: float = 0.996, final: float = 1.0, *,
   return CosineMomentum(base, final, total_steps)
 
 
-def linear_momentum(base: float = 0.996, final: float = 1.0, *,
-                    total_steps: float) -> LinearMomentum:
+def linear_momentum(
+  base: float = 0.996, final: float = 1.0, *, total_steps: float
+) -> LinearMomentum:
   r"""Constructs the linear momentum schedule of I-JEPA and V-JEPA.
 
   .. math::
@@ -333,9 +359,13 @@ def linear_momentum(base: float = 0.996, final: float = 1.0, *,
   return LinearMomentum(base, final, total_steps)
 
 
-def warmup_momentum(max_momentum: float = 0.9999, min_momentum: float = 0.0,
-                    inv_gamma: float = 1.0, power: float = 2 / 3,
-                    start_step: int = 0) -> WarmupMomentum:
+def warmup_momentum(
+  max_momentum: float = 0.9999,
+  min_momentum: float = 0.0,
+  inv_gamma: float = 1.0,
+  power: float = 2 / 3,
+  start_step: int = 0,
+) -> WarmupMomentum:
   r"""Constructs the model-EMA warm-up of timm ``ModelEmaV3`` / ema-pytorch.
 
   .. math::
@@ -369,8 +399,9 @@ def warmup_momentum(max_momentum: float = 0.9999, min_momentum: float = 0.0,
     >>> print(*[f"{schedule(t):.4f}" for t in (0, 10, 10_000, 10**8)])
     0.0000 0.8344 0.9990 0.9999
   """
-  return WarmupMomentum(max_momentum, min_momentum, inv_gamma, power,
-                        start_step)
+  return WarmupMomentum(
+    max_momentum, min_momentum, inv_gamma, power, start_step
+  )
 
 
 def as_schedule(momentum: MomentumLike, name: str = "momentum") -> Schedule:
@@ -396,12 +427,15 @@ def as_schedule(momentum: MomentumLike, name: str = "momentum") -> Schedule:
   if callable(momentum):
     return momentum
   if isinstance(momentum, bool) or not (
-      isinstance(momentum, numbers.Real)
-      or (isinstance(momentum, (np.ndarray, jax.Array))
-          and np.ndim(momentum) == 0)):
+    isinstance(momentum, numbers.Real)
+    or (
+      isinstance(momentum, (np.ndarray, jax.Array)) and np.ndim(momentum) == 0
+    )
+  ):
     raise TypeError(
-        f"`{name}` must be a schedule (a callable step -> momentum) or a "
-        f"float in [0, 1], got {momentum!r} (type {type(momentum).__name__}).")
+      f"`{name}` must be a schedule (a callable step -> momentum) or a "
+      f"float in [0, 1], got {momentum!r} (type {type(momentum).__name__})."
+    )
   return ConstantMomentum(_check_momentum(name, momentum))
 
 
@@ -416,8 +450,9 @@ class ScaledMomentum:
   kappa: float
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
-    m = jnp.asarray(self.momentum(_step_f32(step) * np.float32(self.kappa)),
-                    jnp.float32)
+    m = jnp.asarray(
+      self.momentum(_step_f32(step) * np.float32(self.kappa)), jnp.float32
+    )
     # pow(0, k) = 0 and pow(1, k) = 1 exactly, for every k > 0.
     return jnp.power(m, np.float32(self.kappa)).astype(jnp.float32)
 
@@ -430,11 +465,15 @@ class HalflifeMomentum:
   rampup: float | None = None
 
   def __post_init__(self) -> None:
-    object.__setattr__(self, "halflife", _check_float(
-        "halflife", self.halflife, 0.0, lo_open=True))
+    object.__setattr__(
+      self,
+      "halflife",
+      _check_float("halflife", self.halflife, 0.0, lo_open=True),
+    )
     if self.rampup is not None:
-      object.__setattr__(self, "rampup", _check_float(
-          "rampup", self.rampup, 0.0, lo_open=True))
+      object.__setattr__(
+        self, "rampup", _check_float("rampup", self.rampup, 0.0, lo_open=True)
+      )
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = _step_f32(step)
@@ -452,8 +491,9 @@ class PowerMomentum:
   gamma: float
 
   def __post_init__(self) -> None:
-    object.__setattr__(self, "gamma", _check_float(
-        "gamma", self.gamma, 0.0, lo_open=True))
+    object.__setattr__(
+      self, "gamma", _check_float("gamma", self.gamma, 0.0, lo_open=True)
+    )
 
   @property
   def sigma_rel(self) -> float:
@@ -463,8 +503,9 @@ class PowerMomentum:
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = jnp.maximum(_step_f32(step), 0.0)
     # (1 - 1/(t+1)) ** (g+1) = exp((g+1) * log1p(-1/(t+1))): exact 0 at t=0.
-    return jnp.exp(np.float32(self.gamma + 1.0)
-                   * jnp.log1p(-1.0 / (t + 1.0))).astype(jnp.float32)
+    return jnp.exp(
+      np.float32(self.gamma + 1.0) * jnp.log1p(-1.0 / (t + 1.0))
+    ).astype(jnp.float32)
 
 
 def scale_momentum(momentum: MomentumLike, kappa: float) -> Schedule:
@@ -519,8 +560,9 @@ def scale_momentum(momentum: MomentumLike, kappa: float) -> Schedule:
   return ScaledMomentum(schedule, k)
 
 
-def halflife_momentum(halflife: float, *, rampup: float | None = None
-                      ) -> HalflifeMomentum:
+def halflife_momentum(
+  halflife: float, *, rampup: float | None = None
+) -> HalflifeMomentum:
   r"""Constructs the momentum of an EMA stated as a half-life (EDM).
 
   .. math::
@@ -620,12 +662,12 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
   s = _check_float("sigma_rel", sigma_rel, 0.0, lo_open=True)
   if s >= math.sqrt(1.0 / 12.0):
     raise ValueError(
-        f"`sigma_rel` must be < sqrt(1/12) = {math.sqrt(1 / 12):.6f} (that is "
-        f"gamma > 0), got {s!r}.")
-  t = s ** -2.0
+      f"`sigma_rel` must be < sqrt(1/12) = {math.sqrt(1 / 12):.6f} (that is "
+      f"gamma > 0), got {s!r}."
+    )
+  t = s**-2.0
   roots = np.roots([1.0, 7.0, 16.0 - t, 12.0 - t])
-  g = float(np.max(roots[np.abs(roots.imag) < 1e-6 * (1 + np.abs(roots))
-                         ].real))
+  g = float(np.max(roots[np.abs(roots.imag) < 1e-6 * (1 + np.abs(roots))].real))
   for _ in range(3):  # Newton polish of the root
     f = ((g + 7.0) * g + 16.0 - t) * g + 12.0 - t
     df = (3.0 * g + 14.0) * g + 16.0 - t
@@ -635,8 +677,9 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
   return g
 
 
-def power_momentum(*, sigma_rel: float | None = None,
-                   gamma: float | None = None) -> PowerMomentum:
+def power_momentum(
+  *, sigma_rel: float | None = None, gamma: float | None = None
+) -> PowerMomentum:
   r"""Constructs EDM2's power-function EMA as a momentum schedule.
 
   .. math::
@@ -677,8 +720,10 @@ def power_momentum(*, sigma_rel: float | None = None,
   """
   if (sigma_rel is None) == (gamma is None):
     raise ValueError(
-        "power_momentum takes exactly one of `sigma_rel` and `gamma`, got "
-        f"sigma_rel={sigma_rel!r}, gamma={gamma!r}.")
+      "power_momentum takes exactly one of `sigma_rel` and `gamma`, got "
+      f"sigma_rel={sigma_rel!r}, gamma={gamma!r}."
+    )
   if sigma_rel is not None:
     return PowerMomentum(sigma_rel_to_gamma(sigma_rel))
+  assert gamma is not None
   return PowerMomentum(gamma)

@@ -11,7 +11,8 @@ generator of momenta, as in the I-JEPA / V-JEPA reference code).
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,8 +22,14 @@ import optax
 from jepa_ema import _drift, _every, _kernel, _rounding
 from jepa_ema import schedules as _schedules
 
-__all__ = ["EmaState", "EmaTransformation", "ema", "track_ema", "get_target",
-           "state_shardings"]
+__all__ = [
+  "EmaState",
+  "EmaTransformation",
+  "ema",
+  "track_ema",
+  "get_target",
+  "state_shardings",
+]
 
 PyTree = _kernel.PyTree
 _INT32_MAX = np.iinfo(np.int32).max
@@ -58,15 +65,17 @@ class EmaTransformation(NamedTuple):
   """The ``(init, update)`` pair returned by :func:`ema`.
 
   Attributes:
-    init: ``init(params) -> EmaState``.
-    update: ``update(params, state) -> EmaState``.
+    init: ``init(params) -> EmaState`` (a tuple of EmaStates for several
+      momenta).
+    update: ``update(params, state) -> EmaState`` (or the tuple).
   """
 
-  init: Callable[[PyTree], EmaState]
-  update: Callable[[PyTree, EmaState], EmaState]
+  init: Callable[[PyTree], Any]  # EmaState, or a tuple of them
+  update: Callable[[PyTree, Any], Any]
 
-  def jit(self, *, donate: bool = True) -> Callable[[PyTree, EmaState],
-                                                    EmaState]:
+  def jit(
+    self, *, donate: bool = True
+  ) -> Callable[[PyTree, EmaState], EmaState]:
     """``update`` compiled with ``jax.jit``, the state donated (in place).
 
     The fast path for a standalone EMA step (outside your own jitted train
@@ -104,12 +113,14 @@ def _check_dtype(dtype: Any) -> Any:
   try:
     dt = jnp.dtype(dtype)
   except TypeError as e:
-    raise TypeError(f"`dtype` must be a floating dtype such as jnp.float32, "
-                    f"got {dtype!r}.") from e
+    raise TypeError(
+      f"`dtype` must be a floating dtype such as jnp.float32, got {dtype!r}."
+    ) from e
   if not jnp.issubdtype(dt, jnp.floating):
     raise ValueError(
-        f"`dtype` must be a floating dtype (the target's floating leaves are "
-        f"stored in it), got {dt}.")
+      f"`dtype` must be a floating dtype (the target's floating leaves are "
+      f"stored in it), got {dt}."
+    )
   return dt
 
 
@@ -125,19 +136,26 @@ def _all_finite(tree: PyTree) -> jax.Array:
   # max(|x|) < inf is False for any NaN (NaN propagates through max) or Inf.
   # Unlike all(isfinite(x)), XLA fuses it into one reduction without a
   # bool temporary the size of the leaf.
-  finite = [jnp.max(jnp.abs(jnp.asarray(x))) < jnp.inf
-            for x in jax.tree.leaves(tree)
-            if _kernel.is_float_leaf(x) and jnp.size(x) > 0]
+  finite = [
+    jnp.max(jnp.abs(jnp.asarray(x))) < jnp.inf
+    for x in jax.tree.leaves(tree)
+    if _kernel.is_float_leaf(x) and jnp.size(x) > 0
+  ]
   if not finite:
     return jnp.array(True)
   return jnp.stack(finite).all()
 
 
-def ema(momentum: _schedules.MomentumLike
-        | Sequence[_schedules.MomentumLike], *, dtype: Any = None,
-        skip_nonfinite: bool = False, every: int = 1,
-        drift: bool | int = False, rounding: str = "nearest", key: Any = 0
-        ) -> EmaTransformation:
+def ema(
+  momentum: _schedules.MomentumLike | Sequence[_schedules.MomentumLike],
+  *,
+  dtype: Any = None,
+  skip_nonfinite: bool = False,
+  every: int = 1,
+  drift: bool | int = False,
+  rounding: str = "nearest",
+  key: Any = 0,
+) -> EmaTransformation:
   """A stateful EMA of parameters: ``init(params)``, ``update(params, state)``.
 
   ``init`` copies the params (an EMA of weights starts at the weights, never
@@ -241,11 +259,13 @@ def ema(momentum: _schedules.MomentumLike
     >>> print(round(float(states[1].drift["global"]), 4))  # 0.99**8
     0.9227
   """
-  init_fn, update_lazy = _make_ema(momentum, dtype, skip_nonfinite, every,
-                                   drift, rounding, key)
+  init_fn, update_lazy = _make_ema(
+    momentum, dtype, skip_nonfinite, every, drift, rounding, key
+  )
 
-  def update_fn(params: PyTree, state: EmaState | tuple[EmaState, ...]
-                ) -> EmaState | tuple[EmaState, ...]:
+  def update_fn(
+    params: PyTree, state: EmaState | tuple[EmaState, ...]
+  ) -> EmaState | tuple[EmaState, ...]:
     return update_lazy(lambda: params, state)
 
   return EmaTransformation(init_fn, update_fn)
@@ -265,15 +285,23 @@ class _Options(NamedTuple):
   key_impl: Any
 
 
-def _parse_options(momentum: Any, dtype: Any, skip_nonfinite: Any,
-                   every: Any, drift: Any, rounding: Any, key: Any
-                   ) -> _Options:
+def _parse_options(
+  momentum: Any,
+  dtype: Any,
+  skip_nonfinite: Any,
+  every: Any,
+  drift: Any,
+  rounding: Any,
+  key: Any,
+) -> _Options:
   """Validates every argument of :func:`ema` / :func:`track_ema` once."""
   several = isinstance(momentum, (tuple, list))
   if several:
     if not momentum:
-      raise ValueError("`momentum` is an empty sequence; give at least one "
-                       "momentum or schedule.")
+      raise ValueError(
+        "`momentum` is an empty sequence; give at least one "
+        "momentum or schedule."
+      )
     schedules = tuple(_schedules.as_schedule(m) for m in momentum)
   else:
     schedules = (_schedules.as_schedule(momentum),)
@@ -284,37 +312,65 @@ def _parse_options(momentum: Any, dtype: Any, skip_nonfinite: Any,
   every = _every.check_every(every)
   stochastic = _rounding.check_rounding(rounding, dtype) == "stochastic"
   key_data, key_impl = _rounding.check_key(key) if stochastic else (None, None)
-  return _Options(schedules, several, dtype, skip_nonfinite, every, drift,
-                  stochastic, key_data, key_impl)
+  return _Options(
+    schedules,
+    several,
+    dtype,
+    skip_nonfinite,
+    every,
+    drift,
+    stochastic,
+    key_data,
+    key_impl,
+  )
 
 
-def _init_states(opts: _Options, params: PyTree
-                 ) -> EmaState | tuple[EmaState, ...]:
+def _init_states(
+  opts: _Options, params: PyTree
+) -> EmaState | tuple[EmaState, ...]:
   """``init``: one EmaState per momentum, its target a copy of ``params``."""
   states = []
   for i in range(len(opts.schedules)):
     target = jax.tree.map(lambda x: _copy_leaf(x, opts.dtype), params)
-    if opts.stochastic and i == 0 and not any(
+    if (
+      opts.stochastic
+      and i == 0
+      and not any(
         _kernel.is_float_leaf(x) and jnp.asarray(x).dtype == jnp.bfloat16
-        for x in jax.tree.leaves(target)):
+        for x in jax.tree.leaves(target)
+      )
+    ):
       raise ValueError(
-          "rounding='stochastic' needs bfloat16 target leaves, but the "
-          "target has none; pass dtype=jnp.bfloat16 (or bfloat16 params).")
+        "rounding='stochastic' needs bfloat16 target leaves, but the "
+        "target has none; pass dtype=jnp.bfloat16 (or bfloat16 params)."
+      )
     k = None
     if opts.stochastic:
-      k = opts.key_data if not opts.several else jax.random.key_data(
-          jax.random.fold_in(_rounding.wrap_key(opts.key_data, opts.key_impl),
-                             i))
-    states.append(EmaState(
-        step=jnp.zeros([], jnp.int32), target=target,
+      assert opts.key_data is not None  # checked by _parse_options
+      k = (
+        opts.key_data
+        if not opts.several
+        else jax.random.key_data(
+          jax.random.fold_in(
+            _rounding.wrap_key(opts.key_data, opts.key_impl), i
+          )
+        )
+      )
+    states.append(
+      EmaState(
+        step=jnp.zeros([], jnp.int32),
+        target=target,
         skipped=jnp.zeros([], jnp.int32),
         drift=_drift.zero_drift(params) if opts.drift else None,
-        key=None if k is None else jnp.array(k, copy=True)))
+        key=None if k is None else jnp.array(k, copy=True),
+      )
+    )
   return tuple(states) if opts.several else states[0]
 
 
-def _advance(opts: _Options, get_params: Callable[[], PyTree],
-             states: tuple[EmaState, ...]) -> tuple[EmaState, ...]:
+def _advance(
+  opts: _Options, get_params: Callable[[], PyTree], states: tuple[EmaState, ...]
+) -> tuple[EmaState, ...]:
   """One real update of every target (params built lazily, in-branch)."""
   params = get_params()
   step = states[0].step
@@ -330,19 +386,27 @@ def _advance(opts: _Options, get_params: Callable[[], PyTree],
     _kernel.check_shardings(state.target, params)
     rounders = None
     if opts.stochastic:
-      rounders = _rounding.rounders(state.key, opts.key_impl, step,
-                                    len(jax.tree.leaves(state.target)))
+      rounders = _rounding.rounders(
+        state.key, opts.key_impl, step, len(jax.tree.leaves(state.target))
+      )
     target = _kernel.blend_tree(state.target, params, m, rounders)
-    out.append(state._replace(
-        target=target, skipped=skipped.astype(jnp.int32),
-        drift=_drift.next_drift(state.drift, target, params, step,
-                                opts.every, opts.drift)))
+    out.append(
+      state._replace(
+        target=target,
+        skipped=skipped.astype(jnp.int32),
+        drift=_drift.next_drift(
+          state.drift, target, params, step, opts.every, opts.drift
+        ),
+      )
+    )
   return tuple(out)
 
 
-def _update_states(opts: _Options, get_params: Callable[[], PyTree],
-                   state: EmaState | tuple[EmaState, ...]
-                   ) -> EmaState | tuple[EmaState, ...]:
+def _update_states(
+  opts: _Options,
+  get_params: Callable[[], PyTree],
+  state: EmaState | tuple[EmaState, ...],
+) -> EmaState | tuple[EmaState, ...]:
   """``update``: advance on update steps (every one, or every ``every``-th
   under a ``lax.cond``), then count the step."""
   states = _as_states(state, len(opts.schedules), opts.several)
@@ -354,46 +418,69 @@ def _update_states(opts: _Options, get_params: Callable[[], PyTree],
     if int(step) % every == every - 1:
       states = _advance(opts, get_params, states)
   else:
-    states = jax.lax.cond(step % every == every - 1,
-                          lambda s: _advance(opts, get_params, s),
-                          lambda s: s, states)
+    states = jax.lax.cond(
+      step % every == every - 1,
+      lambda s: _advance(opts, get_params, s),
+      lambda s: s,
+      states,
+    )
   states = tuple(s._replace(step=_safe_increment(step)) for s in states)
   return states if opts.several else states[0]
 
 
-def _make_ema(momentum: Any, dtype: Any, skip_nonfinite: Any, every: Any,
-              drift: Any, rounding: Any, key: Any
-              ) -> tuple[Callable[[PyTree], Any],
-                         Callable[[Callable[[], PyTree], Any], Any]]:
+def _make_ema(
+  momentum: Any,
+  dtype: Any,
+  skip_nonfinite: Any,
+  every: Any,
+  drift: Any,
+  rounding: Any,
+  key: Any,
+) -> tuple[Callable[[PyTree], Any], Callable[[Callable[[], PyTree], Any], Any]]:
   """Validates the options; returns ``init`` and ``update_lazy``, the update
   taking a params thunk (so that track_ema builds ``params + updates`` only
   inside the every=k branch)."""
-  opts = _parse_options(momentum, dtype, skip_nonfinite, every, drift,
-                        rounding, key)
-  return (functools.partial(_init_states, opts),
-          functools.partial(_update_states, opts))
+  opts = _parse_options(
+    momentum, dtype, skip_nonfinite, every, drift, rounding, key
+  )
+  return (
+    functools.partial(_init_states, opts),
+    functools.partial(_update_states, opts),
+  )
 
 
 def _as_states(state: Any, n: int, several: bool) -> tuple[EmaState, ...]:
-  states = tuple(state) if several and isinstance(state, (tuple, list)) \
-      and not isinstance(state, EmaState) else (state,)
+  states = (
+    tuple(state)
+    if several
+    and isinstance(state, (tuple, list))
+    and not isinstance(state, EmaState)
+    else (state,)
+  )
   for s in states:
     if not isinstance(s, EmaState):
       raise TypeError(
-          f"`state` must be the {'tuple of EmaStates' if several else 'EmaState'}"
-          f" returned by init, got {type(state).__name__}; the call is "
-          "update(params, state).")
+        f"`state` must be the {'tuple of EmaStates' if several else 'EmaState'}"
+        f" returned by init, got {type(state).__name__}; the call is "
+        "update(params, state)."
+      )
   if len(states) != n:
-    raise ValueError(f"`state` holds {len(states)} EmaStates but this EMA has "
-                     f"{n} momenta.")
+    raise ValueError(
+      f"`state` holds {len(states)} EmaStates but this EMA has {n} momenta."
+    )
   return states
 
 
-def track_ema(momentum: _schedules.MomentumLike
-              | Sequence[_schedules.MomentumLike], *, dtype: Any = None,
-              skip_nonfinite: bool = False, every: int = 1,
-              drift: bool | int = False, rounding: str = "nearest",
-              key: Any = 0) -> optax.GradientTransformation:
+def track_ema(
+  momentum: _schedules.MomentumLike | Sequence[_schedules.MomentumLike],
+  *,
+  dtype: Any = None,
+  skip_nonfinite: bool = False,
+  every: int = 1,
+  drift: bool | int = False,
+  rounding: str = "nearest",
+  key: Any = 0,
+) -> optax.GradientTransformation:
   """An optax transformation that keeps an EMA of the updated params.
 
   Put it **last** in ``optax.chain(...)``. Its ``update(updates, state,
@@ -439,19 +526,24 @@ def track_ema(momentum: _schedules.MomentumLike
     >>> print(params["w"], jepa_ema.get_target(opt_state)["w"].round(4))
     [0.9 0.9] [0.95 0.95]
   """
-  init_fn, update_lazy = _make_ema(momentum, dtype, skip_nonfinite, every,
-                                   drift, rounding, key)
+  init_fn, update_lazy = _make_ema(
+    momentum, dtype, skip_nonfinite, every, drift, rounding, key
+  )
 
-  def update_fn(updates: optax.Updates, state: EmaState | tuple[EmaState, ...],
-                params: optax.Params | None = None
-                ) -> tuple[optax.Updates, EmaState | tuple[EmaState, ...]]:
+  def update_fn(
+    updates: optax.Updates,
+    state: EmaState | tuple[EmaState, ...],
+    params: optax.Params | None = None,
+  ) -> tuple[optax.Updates, EmaState | tuple[EmaState, ...]]:
     if params is None:
       raise ValueError(
-          "track_ema needs the current params: call "
-          "`tx.update(grads, opt_state, params)` (it keeps an EMA of "
-          "`params + updates`).")
+        "track_ema needs the current params: call "
+        "`tx.update(grads, opt_state, params)` (it keeps an EMA of "
+        "`params + updates`)."
+      )
     return updates, update_lazy(
-        lambda: optax.apply_updates(params, updates), state)
+      lambda: optax.apply_updates(params, updates), state
+    )
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -459,8 +551,9 @@ def track_ema(momentum: _schedules.MomentumLike
 def _find_states(tree: Any) -> list[tuple[str, EmaState]]:
   is_state = lambda x: isinstance(x, EmaState)
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_state)
-  return [(jax.tree_util.keystr(p) or "<root>", x) for p, x in leaves
-          if is_state(x)]
+  return [
+    (jax.tree_util.keystr(p) or "<root>", x) for p, x in leaves if is_state(x)
+  ]
 
 
 def get_target(opt_state: Any, index: int | None = None) -> PyTree:
@@ -500,22 +593,25 @@ def get_target(opt_state: Any, index: int | None = None) -> PyTree:
   found = _find_states(opt_state)
   if not found:
     raise ValueError(
-        f"No EmaState found in the given optimizer state (of type "
-        f"{type(opt_state).__name__}). Add `jepa_ema.track_ema(...)` as the "
-        "last element of your `optax.chain(...)`.")
+      f"No EmaState found in the given optimizer state (of type "
+      f"{type(opt_state).__name__}). Add `jepa_ema.track_ema(...)` as the "
+      "last element of your `optax.chain(...)`."
+    )
   if index is None:
     if len(found) > 1:
       paths = ", ".join(p for p, _ in found)
       raise ValueError(
-          f"Found {len(found)} EmaStates in the optimizer state, at {paths}; "
-          "pass `index` (get_target(state, i)) to pick one.")
+        f"Found {len(found)} EmaStates in the optimizer state, at {paths}; "
+        "pass `index` (get_target(state, i)) to pick one."
+      )
     return found[0][1].target
   if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
     raise TypeError(f"`index` must be an int, got {index!r}.")
   if not -len(found) <= index < len(found):
     raise ValueError(
-        f"`index` {index} is out of range: the state holds {len(found)} "
-        f"EmaState(s), at {', '.join(p for p, _ in found)}.")
+      f"`index` {index} is out of range: the state holds {len(found)} "
+      f"EmaState(s), at {', '.join(p for p, _ in found)}."
+    )
   return found[index][1].target
 
 
@@ -565,34 +661,44 @@ def state_shardings(params: PyTree, state: Any = None) -> Any:
   """
   is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
   target = jax.tree.map(_sharding_of, params, is_leaf=is_sharding)
-  found = [s for s in jax.tree.leaves(target, is_leaf=is_sharding)
-           if is_sharding(s)]
+  found = [
+    s for s in jax.tree.leaves(target, is_leaf=is_sharding) if is_sharding(s)
+  ]
   if not found:
     raise ValueError(
-        "state_shardings: `params` has no leaf with a sharding (got leaves "
-        f"of types {sorted({type(x).__name__ for x in jax.tree.leaves(params)})}"
-        "); pass arrays, ShapeDtypeStructs with shardings, or shardings.")
+      "state_shardings: `params` has no leaf with a sharding (got leaves "
+      f"of types {sorted({type(x).__name__ for x in jax.tree.leaves(params)})}"
+      "); pass arrays, ShapeDtypeStructs with shardings, or shardings."
+    )
   first = found[0]
   if isinstance(first, jax.sharding.NamedSharding):
-    scalar = jax.sharding.NamedSharding(first.mesh,
-                                        jax.sharding.PartitionSpec())
+    scalar: Any = jax.sharding.NamedSharding(
+      first.mesh, jax.sharding.PartitionSpec()
+    )
   else:
     devices = sorted(first.device_set, key=lambda d: d.id)
     scalar = jax.sharding.NamedSharding(
-        jax.sharding.Mesh(np.array(devices), ("_replica",)),
-        jax.sharding.PartitionSpec())
+      jax.sharding.Mesh(np.array(devices), ("_replica",)),
+      jax.sharding.PartitionSpec(),
+    )
   if state is None:
     return EmaState(step=scalar, target=target, skipped=scalar)
   if not _find_states(state):
-    raise ValueError(f"state_shardings: `state` holds no EmaState (got "
-                     f"{type(state).__name__}).")
+    raise ValueError(
+      f"state_shardings: `state` holds no EmaState (got "
+      f"{type(state).__name__})."
+    )
   is_state = lambda x: isinstance(x, EmaState)
 
   def one(x: Any) -> Any:
     if not is_state(x):
       return scalar
-    return EmaState(step=scalar, target=target, skipped=scalar,
-                    drift=jax.tree.map(lambda _: scalar, x.drift),
-                    key=None if x.key is None else scalar)
+    return EmaState(
+      step=scalar,
+      target=target,
+      skipped=scalar,
+      drift=jax.tree.map(lambda _: scalar, x.drift),
+      key=None if x.key is None else scalar,
+    )
 
   return jax.tree.map(one, state, is_leaf=is_state)

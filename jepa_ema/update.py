@@ -26,19 +26,21 @@ result runs as fast as the plain formula.
 from __future__ import annotations
 
 import functools
-import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from jepa_ema import _kernel
 from jepa_ema import schedules as _schedules
 from jepa_ema._kernel import ShardingMismatchWarning
 
-__all__ = ["ema_update", "make_ema_update", "EmaUpdateFn",
-           "ShardingMismatchWarning"]
+__all__ = [
+  "ema_update",
+  "make_ema_update",
+  "EmaUpdateFn",
+  "ShardingMismatchWarning",
+]
 
 
 PyTree = _kernel.PyTree
@@ -46,9 +48,12 @@ EmaUpdateFn = Callable[[PyTree, PyTree, jax.typing.ArrayLike], PyTree]
 """``(target, online, step) -> new_target``, as returned by :func:`make_ema_update`."""
 
 
-def ema_update(target: PyTree, online: PyTree, step: jax.typing.ArrayLike,
-               momentum: _schedules.MomentumLike | jax.typing.ArrayLike
-               ) -> PyTree:
+def ema_update(
+  target: PyTree,
+  online: PyTree,
+  step: jax.typing.ArrayLike,
+  momentum: _schedules.MomentumLike | jax.typing.ArrayLike,
+) -> PyTree:
   """One EMA step of a parameter pytree: ``m * target + (1 - m) * online``.
 
   ``m = momentum(step)`` for a schedule, or ``momentum`` itself for a number
@@ -106,8 +111,9 @@ def ema_update(target: PyTree, online: PyTree, step: jax.typing.ArrayLike,
   return _kernel.blend_tree(target, online, m)
 
 
-def make_ema_update(momentum: _schedules.MomentumLike, *,
-                    donate: bool = True) -> EmaUpdateFn:
+def make_ema_update(
+  momentum: _schedules.MomentumLike, *, donate: bool = True
+) -> EmaUpdateFn:
   """Binds a schedule once; returns the jitted ``(target, online, step)`` update.
 
   This is the function a hand-written training loop calls::
@@ -149,16 +155,19 @@ def make_ema_update(momentum: _schedules.MomentumLike, *,
     [0.4375 0.4375 0.4375]
   """
   schedule = _schedules.as_schedule(momentum)
-  jitted = jax.jit(functools.partial(_bound_update, schedule),
-                   donate_argnums=(0,) if donate else ())
+  jitted = jax.jit(
+    functools.partial(_bound_update, schedule),
+    donate_argnums=(0,) if donate else (),
+  )
   check_next = [True]
   # jax.jit's compilation-cache size (private API; without it, only the first
   # call is checked).
   cache_size = getattr(jitted, "_cache_size", lambda: 0)
 
   @functools.wraps(jitted)
-  def ema_update_fn(target: PyTree, online: PyTree,
-                    step: jax.typing.ArrayLike) -> PyTree:
+  def ema_update_fn(
+    target: PyTree, online: PyTree, step: jax.typing.ArrayLike
+  ) -> PyTree:
     # Layouts only change together with a compilation, so the (~1.5 us per
     # leaf) sharding check runs on the first call and on the call after each
     # new compilation, never per step.
@@ -169,11 +178,16 @@ def make_ema_update(momentum: _schedules.MomentumLike, *,
     check_next[0] = cache_size() != before
     return out
 
-  ema_update_fn._cache_size = cache_size  # pylint: disable=protected-access
-  ema_update_fn.lower = jitted.lower
+  fn: Any = ema_update_fn  # functools.wraps' type does not list attributes
+  fn._cache_size = cache_size  # pylint: disable=protected-access
+  fn.lower = jitted.lower
   return ema_update_fn
 
 
-def _bound_update(schedule: _schedules.Schedule, target: PyTree,
-                  online: PyTree, step: jax.typing.ArrayLike) -> PyTree:
+def _bound_update(
+  schedule: _schedules.Schedule,
+  target: PyTree,
+  online: PyTree,
+  step: jax.typing.ArrayLike,
+) -> PyTree:
   return ema_update(target, online, step, schedule)

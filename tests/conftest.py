@@ -13,8 +13,9 @@ from hypothesis import settings
 # Scripts run in subprocesses by the tests (e.g. with 8 simulated devices).
 collect_ignore = ["scripts"]
 
-settings.register_profile("ci", max_examples=60, deadline=None,
-                          derandomize=True)
+settings.register_profile(
+  "ci", max_examples=60, deadline=None, derandomize=True
+)
 settings.load_profile("ci")
 
 
@@ -30,6 +31,8 @@ def _dtype_promotion(request):
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])
 def maybe_jit(request):
   """Returns ``f`` or ``jax.jit(f, static_argnames=...)`` (both paths)."""
+
   def wrap(f, **jit_kwargs):
     return jax.jit(f, **jit_kwargs) if request.param else f
+
   return wrap

@@ -6,7 +6,9 @@ import pathlib
 
 import pytest
 
-PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ema_bench.py"
+PATH = (
+  pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ema_bench.py"
+)
 
 
 @pytest.fixture(scope="module")
@@ -17,14 +19,20 @@ def bench():
   return module
 
 
-@pytest.mark.parametrize("tree,width,depth", [("vit_s16", 384, 12),
-                                              ("vit_b16", 768, 12),
-                                              ("vit_l16", 1024, 24)])
+@pytest.mark.parametrize(
+  "tree,width,depth",
+  [("vit_s16", 384, 12), ("vit_b16", 768, 12), ("vit_l16", 1024, 24)],
+)
 def test_vit_parameter_counts(bench, tree, width, depth):
   # Closed form of a ViT/16 at 224 px without a head: patch embedding,
   # cls + 197 positions, final norm, and per block 12 w^2 + 13 w.
-  expected = (768 * width + width) + width + 197 * width + 2 * width + depth * (
-      12 * width * width + 13 * width)
+  expected = (
+    (768 * width + width)
+    + width
+    + 197 * width
+    + 2 * width
+    + depth * (12 * width * width + 13 * width)
+  )
   assert bench.num_params(tree) == expected
   assert len(bench.tree_shapes(tree)) == 6 + 12 * depth
 
@@ -32,8 +40,7 @@ def test_vit_parameter_counts(bench, tree, width, depth):
 @pytest.mark.standard_promotion
 def test_timing_loop_smoke(bench):
   variants = [bench.Roofline(), bench.JepaBound(), bench.JepaWrapper()]
-  times = bench.time_interleaved("small1000", variants, repeats=3,
-                                 budget_s=5)
+  times = bench.time_interleaved("small1000", variants, repeats=3, budget_s=5)
   assert set(times) == {v.name for v in variants}
   assert all(len(v) == 3 and min(v) > 0 for v in times.values())
 
@@ -54,7 +61,7 @@ def test_options_bench_accuracy_parts_run(options_bench):
   for k in (2, 4):  # the product momentum tracks the per-step EMA better
     assert every[f"every={k}"]["final"] < every[f"skip k={k}"]["final"]
   stag = options_bench.stagnation(256, steps=100, m=0.99)
-  assert abs(stag["float32 target mean"] - (1 - 0.99 ** 100)) < 1e-4
+  assert abs(stag["float32 target mean"] - (1 - 0.99**100)) < 1e-4
 
 
 DEVICE_CHECK = PATH.parent / "device_check.py"
@@ -69,10 +76,22 @@ def test_device_check_tiny_runs_end_to_end(tmp_path):
   import os
   import subprocess
   import sys
+
   proc = subprocess.run(
-      [sys.executable, str(DEVICE_CHECK), "--tiny", "--budget-s", "60",
-       "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
-      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    [
+      sys.executable,
+      str(DEVICE_CHECK),
+      "--tiny",
+      "--budget-s",
+      "60",
+      "--out",
+      str(tmp_path),
+    ],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads((tmp_path / "device_check.json").read_text())
   assert (tmp_path / "device_check.md").read_text().startswith("# device_check")

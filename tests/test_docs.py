@@ -7,7 +7,6 @@ import sys
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,10 +31,13 @@ def test_readme_quickstart_runs_and_tracks():
   assert not np.allclose(target["kernel"], params["kernel"])
 
 
-def test_readme_options_block_runs():
-  text = (ROOT / "README.md").read_text()
-  block = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
-           if "every=4, drift=True" in b][0]
+def test_options_page_block_runs():
+  text = (ROOT / "docs" / "howto" / "options.md").read_text()
+  block = [
+    b
+    for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    if "every=4, drift=True" in b
+  ][0]
   ns: dict = {}
   exec(compile(block, "README.md", "exec"), ns)  # pylint: disable=exec-used
   state, state16 = ns["state"], ns["state16"]
@@ -61,43 +63,60 @@ def test_quickstart_example(capsys):
   assert 0 < result["lag"] < 0.1
 
 
-def _block(marker: str) -> str:
-  text = (ROOT / "README.md").read_text()
-  found = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
-           if marker in b]
+def _block(marker: str, page: str) -> str:
+  text = (ROOT / "docs" / page).read_text()
+  found = [
+    b
+    for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    if marker in b
+  ]
   assert len(found) == 1, marker
   return found[0]
 
 
-def test_readme_scaling_block_runs():
-  ns: dict = {"jepa_ema": __import__("jepa_ema"), "T": 1000, "base_lr": 1e-3}
-  exec(compile(_block("scale_momentum(ref, 1024 / 256)"), "README.md", "exec"),
-       ns)  # pylint: disable=exec-used
-  assert ns["lr"] == pytest.approx(2e-3)
-  np.testing.assert_allclose(float(ns["momentum"](0)), 0.996 ** 4, rtol=1e-6)
+def test_transfer_page_scaling_block():
+  ns: dict = {}
+  block = _block("scale_momentum(ref, 1024 / 256)", "howto/transfer.md")
+  exec(compile(block, "transfer.md", "exec"), ns)  # pylint: disable=exec-used
+  assert ns["lr"] == pytest.approx(2 * ns["base_lr"])
+  np.testing.assert_allclose(float(ns["momentum"](0)), 0.996**4, rtol=1e-6)
 
 
-def test_readme_timm_block_runs():
-  import jax.numpy as jnp
-  ns: dict = {"jepa_ema": __import__("jepa_ema"), "jnp": jnp,
-              "update_after_step": 3, "decay": 0.9999, "min_decay": 0.5,
-              "inv_gamma": 1.0, "power": 0.75}
-  exec(compile(_block("update_after_step"), "README.md", "exec"), ns)  # pylint: disable=exec-used
-  timm = ns["timm"]
-  assert [float(timm(t)) for t in range(4)] == [0.0] * 4  # copies u + 1 times
-  assert float(timm(4)) == pytest.approx(max(1 - 2 ** -0.75, 0.5), abs=1e-7)
+def test_concepts_page_timm_port():
+  ns: dict = {}
+  block = _block("update_after_step", "concepts.md")
+  exec(compile(block, "concepts.md", "exec"), ns)  # pylint: disable=exec-used
+  timm, u = ns["timm"], ns["u"]
+  assert [float(timm(t)) for t in range(u + 1)] == [0.0] * (u + 1)  # copies
+  want = max(1 - 2 ** -ns["power"], ns["min_decay"])  # timm at step u + 2
+  assert float(timm(u + 1)) == pytest.approx(want, abs=1e-7)
 
 
 @pytest.mark.standard_promotion
-def test_readme_posthoc_block_runs(tmp_path, monkeypatch):
-  import jax.numpy as jnp
+def test_posthoc_page_block(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  code = _block("PostHocSnapshots(").replace("every=1000", "every=10")
-  code = code.replace("step=20_000", "step=20")
-  ns: dict = {"jepa_ema": __import__("jepa_ema"), "jnp": jnp,
-              "params": {"w": jnp.zeros(3)}, "data": range(40),
-              "train_step": lambda p, b: {"w": p["w"] + 1.0}}
-  exec(compile(code, "README.md", "exec"), ns)  # pylint: disable=exec-used
-  assert len(ns["snaps"]) == 8  # steps 10, 20, 30, 40 x two widths
+  ns: dict = {}
+  block = _block("PostHocSnapshots(", "howto/posthoc.md")
+  exec(compile(block, "posthoc.md", "exec"), ns)  # pylint: disable=exec-used
+  assert len(ns["snaps"]) == 6  # steps 100, 200, 300 x two widths
   assert ns["model"]["w"].shape == (3,)
-  assert ns["x"].shape == (8,) and ns["x"].sum() == pytest.approx(1.0)
+  assert ns["x"].shape == (6,) and ns["x"].sum() == pytest.approx(1.0)
+
+
+DOCS = sorted((ROOT / "docs").rglob("*.md"))
+
+
+@pytest.mark.standard_promotion  # flax / optax / orbax inside
+@pytest.mark.parametrize(
+  "page", DOCS, ids=[str(p.relative_to(ROOT)) for p in DOCS]
+)
+def test_docs_code_blocks_run(page, tmp_path, monkeypatch):
+  """Every ```python block of a docs page runs, in order, in one namespace
+  per page, so the docs cannot rot. Blocks that only include an example
+  file (``--8<--``) are that example, run by tests/test_examples.py."""
+  monkeypatch.chdir(tmp_path)
+  blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+  ns: dict = {"__name__": "docs"}
+  for block in blocks:
+    if not block.strip().startswith("--8<--"):
+      exec(compile(block, str(page), "exec"), ns)  # pylint: disable=exec-used

@@ -29,7 +29,8 @@ def load(name):
 def demo_result(tmp_path_factory):
   out = tmp_path_factory.mktemp("demo")
   res = load("ijepa_digits.py")["main"](
-      ["--quick", "--out-dir", str(out), "--no-progress"])
+    ["--quick", "--out-dir", str(out), "--no-progress"]
+  )
   return res, out
 
 
@@ -42,8 +43,9 @@ def test_demo_quick_trains_and_writes_outputs(demo_result):
     assert loss.shape == (steps,) and np.all(np.isfinite(loss))
     assert loss[-20:].mean() < 0.5 * loss[:5].mean(), name  # loss falls
     # The target's step is the optimizer's step.
-    assert run["ema_step"] == run["optimizer_step"] == run["train_step"] \
-        == steps
+    assert (
+      run["ema_step"] == run["optimizer_step"] == run["train_step"] == steps
+    )
   ema, no_ema = res["runs"]["ema"], res["runs"]["no_ema"]
   # With momentum 0.996 the target lags the online encoder; at 0 it is a copy.
   assert ema["target_online_rel_dist"] > 1e-3
@@ -74,30 +76,66 @@ def env(tmp_path_factory):
   """Subprocess environment sharing JAX's persistent compilation cache, so
   the reference, killed and resumed runs compile the train step once."""
   cache = tmp_path_factory.mktemp("jax_cache")
-  return {**os.environ, "JAX_PLATFORMS": "cpu",
-          "JAX_COMPILATION_CACHE_DIR": str(cache)}
+  return {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "JAX_COMPILATION_CACHE_DIR": str(cache),
+  }
 
 
 def _run_demo(args, env):
-  return subprocess.run([sys.executable, str(DEMO), *args], env=env,
-                        capture_output=True, text=True, timeout=240)
+  return subprocess.run(
+    [sys.executable, str(DEMO), *args],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=240,
+  )
 
 
-COMMON = ["--quick", "--steps", "60", "--runs", "ema", "--no-eval-baselines",
-          "--no-progress", "--checkpoint-every", "10"]
+COMMON = [
+  "--quick",
+  "--steps",
+  "60",
+  "--runs",
+  "ema",
+  "--no-eval-baselines",
+  "--no-progress",
+  "--checkpoint-every",
+  "10",
+]
 
 
 def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
   # Uninterrupted reference run.
-  ref = _run_demo([*COMMON, "--checkpoint-dir", str(tmp_path / "a"),
-                   "--out-dir", str(tmp_path / "out_a")], env)
+  ref = _run_demo(
+    [
+      *COMMON,
+      "--checkpoint-dir",
+      str(tmp_path / "a"),
+      "--out-dir",
+      str(tmp_path / "out_a"),
+    ],
+    env,
+  )
   assert ref.returncode == 0, ref.stderr[-3000:]
   # The same run, killed (SIGKILL) once a few checkpoints exist ...
   proc = subprocess.Popen(
-      [sys.executable, str(DEMO), *COMMON, "--checkpoint-dir",
-       str(tmp_path / "b"), "--out-dir", str(tmp_path / "out_b"),
-       "--step-delay", "0.05"], env=env, stdout=subprocess.DEVNULL,
-      stderr=subprocess.DEVNULL)
+    [
+      sys.executable,
+      str(DEMO),
+      *COMMON,
+      "--checkpoint-dir",
+      str(tmp_path / "b"),
+      "--out-dir",
+      str(tmp_path / "out_b"),
+      "--step-delay",
+      "0.05",
+    ],
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
   state_dir = tmp_path / "b" / "ema" / "state"
   deadline = time.time() + 180
   while time.time() < deadline:
@@ -109,8 +147,16 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
   proc.wait(timeout=30)
   assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
   # ... then resumed from the same directory.
-  resumed = _run_demo([*COMMON, "--checkpoint-dir", str(tmp_path / "b"),
-                       "--out-dir", str(tmp_path / "out_b")], env)
+  resumed = _run_demo(
+    [
+      *COMMON,
+      "--checkpoint-dir",
+      str(tmp_path / "b"),
+      "--out-dir",
+      str(tmp_path / "out_b"),
+    ],
+    env,
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stdout
   a = json.loads((tmp_path / "out_a" / "ijepa_digits.json").read_text())
@@ -120,8 +166,16 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
   assert ra["curves"]["loss"] == rb["curves"]["loss"]
   assert ra["metrics"] == rb["metrics"]
   # Rerunning a finished run resumes at the end and changes nothing.
-  again = _run_demo([*COMMON, "--checkpoint-dir", str(tmp_path / "b"),
-                     "--out-dir", str(tmp_path / "out_c")], env)
+  again = _run_demo(
+    [
+      *COMMON,
+      "--checkpoint-dir",
+      str(tmp_path / "b"),
+      "--out-dir",
+      str(tmp_path / "out_c"),
+    ],
+    env,
+  )
   assert again.returncode == 0 and "resumed from step 60" in again.stdout
   c = json.loads((tmp_path / "out_c" / "ijepa_digits.json").read_text())
   assert c["runs"]["ema"]["final_state_sha256"] == ra["final_state_sha256"]
@@ -129,9 +183,21 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
 
 def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
   demo = load("ijepa_digits.py")
-  args = ["--quick", "--steps", "20", "--runs", "ema", "--no-eval-baselines",
-          "--no-progress", "--checkpoint-every", "10", "--checkpoint-dir",
-          str(tmp_path / "ck"), "--out-dir", str(tmp_path / "out")]
+  args = [
+    "--quick",
+    "--steps",
+    "20",
+    "--runs",
+    "ema",
+    "--no-eval-baselines",
+    "--no-progress",
+    "--checkpoint-every",
+    "10",
+    "--checkpoint-dir",
+    str(tmp_path / "ck"),
+    "--out-dir",
+    str(tmp_path / "out"),
+  ]
   demo["main"](args)
   # A different configuration in the same directory: refused, not restarted.
   with pytest.raises(demo["CheckpointError"], match="different configuration"):
@@ -152,9 +218,15 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
     demo["main"](args)
 
 
-@pytest.mark.parametrize("name", ["recipe_nnx.py", "recipe_linen.py",
-                                  "recipe_equinox.py",
-                                  "recipe_multisteps.py"])
+@pytest.mark.parametrize(
+  "name",
+  [
+    "recipe_nnx.py",
+    "recipe_linen.py",
+    "recipe_equinox.py",
+    "recipe_multisteps.py",
+  ],
+)
 def test_recipe(name, capsys):
   result = load(name)["main"]()  # each recipe asserts its own result
   assert capsys.readouterr().out.strip()
@@ -163,9 +235,11 @@ def test_recipe(name, capsys):
 
 def test_masks_are_a_block_and_random_context():
   import jax
+
   demo = load("ijepa_digits.py")
-  ctx, tgt = (np.asarray(a) for a in demo["sample_masks"](
-      jax.random.key(0), 2048, 6, 2))
+  ctx, tgt = (
+    np.asarray(a) for a in demo["sample_masks"](jax.random.key(0), 2048, 6, 2)
+  )
   assert ctx.shape == (2048, 6) and tgt.shape == (2048, 4)
   rows, cols = np.divmod(tgt, 4)
   # The target is a 2x2 block of patches ...
@@ -226,9 +300,11 @@ def test_evaluation_is_rotation_invariant():
   z_te = np.tanh(data["pix_test"] @ proj / 8)
   q, _ = np.linalg.qr(rng.normal(size=(24, 24)))
   a = demo["evaluate"](z_tr, z_te, data["y_train"], data["y_test"], seed=3)
-  b = demo["evaluate"](3.0 * z_tr @ q, 3.0 * z_te @ q, data["y_train"],
-                       data["y_test"], seed=3)
+  b = demo["evaluate"](
+    3.0 * z_tr @ q, 3.0 * z_te @ q, data["y_train"], data["y_test"], seed=3
+  )
   assert 0.3 < a["knn5"] < 1.0  # a non-trivial case
   for key in a:
-    assert b[key] == pytest.approx(a[key], abs=1 / 360 if key in (
-        "1shot", "5shot", "linear") else 1e-9), key
+    assert b[key] == pytest.approx(
+      a[key], abs=1 / 360 if key in ("1shot", "5shot", "linear") else 1e-9
+    ), key

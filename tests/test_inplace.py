@@ -4,7 +4,6 @@ model-sized temporary."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jepa_ema
@@ -12,8 +11,9 @@ import jepa_ema
 
 def tree(seed, n_leaves=6, size=4096, dtype=jnp.float32):
   keys = jax.random.split(jax.random.key(seed), n_leaves)
-  return {f"w{i}": jax.random.normal(k, (size,), dtype)
-          for i, k in enumerate(keys)}
+  return {
+    f"w{i}": jax.random.normal(k, (size,), dtype) for i, k in enumerate(keys)
+  }
 
 
 def model_bytes(t):
@@ -57,9 +57,15 @@ def test_without_donation_nothing_is_deleted():
   assert pointers(new.target) != pointers(state.target)
 
 
-@pytest.mark.parametrize("dtype,kwargs", [
-    (jnp.float32, {}), (jnp.bfloat16, {"dtype": jnp.float32}),
-    (jnp.float32, {"skip_nonfinite": True})], ids=["f32", "bf16->f32", "skip"])
+@pytest.mark.parametrize(
+  "dtype,kwargs",
+  [
+    (jnp.float32, {}),
+    (jnp.bfloat16, {"dtype": jnp.float32}),
+    (jnp.float32, {"skip_nonfinite": True}),
+  ],
+  ids=["f32", "bf16->f32", "skip"],
+)
 def test_compiled_update_has_no_model_sized_temporary(dtype, kwargs):
   big = tree(0, n_leaves=8, size=1 << 16, dtype=dtype)  # 8 x 64k params
   ema = jepa_ema.ema(jepa_ema.cosine_momentum(total_steps=10), **kwargs)
@@ -74,6 +80,7 @@ def test_compiled_update_has_no_model_sized_temporary(dtype, kwargs):
 
 def test_track_ema_train_step_has_no_model_sized_temporary():
   import optax
+
   params = tree(0, n_leaves=8, size=1 << 16)
   tx = optax.chain(optax.sgd(0.1), jepa_ema.track_ema(0.99))
   opt_state = tx.init(params)
@@ -83,8 +90,12 @@ def test_track_ema_train_step_has_no_model_sized_temporary():
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  mem = jax.jit(step, donate_argnums=(0, 1)).lower(
-      params, opt_state).compile().memory_analysis()
+  mem = (
+    jax.jit(step, donate_argnums=(0, 1))
+    .lower(params, opt_state)
+    .compile()
+    .memory_analysis()
+  )
   # params + updates is fused into the EMA and the param update: no
   # materialised model-sized "new params" temporary.
   assert mem.temp_size_in_bytes < 0.05 * model_bytes(params), mem

@@ -9,8 +9,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
-
 SCRIPT = pathlib.Path(__file__).parent / "scripts" / "multiprocess_ema.py"
 
 
@@ -22,12 +20,21 @@ def free_port() -> int:
 
 def test_two_processes_four_devices_each():
   port = free_port()
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  procs = [subprocess.Popen([sys.executable, str(SCRIPT), str(i), str(port)],
-                            env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+  }
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(SCRIPT), str(i), str(port)],
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outs = []
   try:
     for p in procs:
@@ -40,12 +47,12 @@ def test_two_processes_four_devices_each():
   results = []
   for code, out, err in outs:
     assert code == 0, err[-4000:]
-    line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-    results.append(json.loads(line[len("RESULT "):]))
+    line = [ln for ln in out.splitlines() if ln.startswith("RESULT ")][-1]
+    results.append(json.loads(line[len("RESULT ") :]))
   assert sorted(r["process"] for r in results) == [0, 1]
   for r in results:
-    assert r["collectives"] == []          # no cross-device/process traffic
+    assert r["collectives"] == []  # no cross-device/process traffic
     assert r["shardings_kept"]
     assert r["step"] == 3
-    assert r["local_shards"] == 3 * 4      # 3 leaves x 4 local devices
-    assert r["identical"], r["max_err"]    # bitwise equal to one device
+    assert r["local_shards"] == 3 * 4  # 3 leaves x 4 local devices
+    assert r["identical"], r["max_err"]  # bitwise equal to one device

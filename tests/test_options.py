@@ -16,23 +16,36 @@ import pytest
 
 import jepa_ema
 
-SCHEDULES = [0.9, jepa_ema.cosine_momentum(0.8, 1.0, total_steps=30),
-             jepa_ema.linear_momentum(0.5, 0.99, total_steps=20),
-             jepa_ema.warmup_momentum(power=3 / 4)]
+SCHEDULES = [
+  0.9,
+  jepa_ema.cosine_momentum(0.8, 1.0, total_steps=30),
+  jepa_ema.linear_momentum(0.5, 0.99, total_steps=20),
+  jepa_ema.warmup_momentum(power=3 / 4),
+]
 IDS = ["float", "cosine", "linear", "warmup"]
 
 
 def params_seq(n, seed=0):
   """A trajectory of param trees (two top-level modules, an int counter)."""
   key = jax.random.key(seed)
-  out, p = [], {"enc": {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)},
-                "pred": {"w": jnp.full((5,), 2.0)}, "n": jnp.array(0)}
+  out, p = (
+    [],
+    {
+      "enc": {"w": jnp.ones((4, 3)), "b": jnp.zeros(3)},
+      "pred": {"w": jnp.full((5,), 2.0)},
+      "n": jnp.array(0),
+    },
+  )
   for i in range(n):
     key, k1, k2 = jax.random.split(key, 3)
-    p = {"enc": {"w": p["enc"]["w"] + 0.1 * jax.random.normal(k1, (4, 3)),
-                 "b": p["enc"]["b"] + 0.05},
-         "pred": {"w": p["pred"]["w"] * 0.97 + 0.1 * jax.random.normal(
-             k2, (5,))}, "n": jnp.array(i + 1)}
+    p = {
+      "enc": {
+        "w": p["enc"]["w"] + 0.1 * jax.random.normal(k1, (4, 3)),
+        "b": p["enc"]["b"] + 0.05,
+      },
+      "pred": {"w": p["pred"]["w"] * 0.97 + 0.1 * jax.random.normal(k2, (5,))},
+      "n": jnp.array(i + 1),
+    }
     out.append(p)
   return out
 
@@ -52,19 +65,26 @@ def reference(schedule, init, seq, every):
       continue
     m = np.prod([m64(schedule, j) for j in range(s - every + 1, s + 1)])
     ref = jax.tree.map(
-        lambda t, o: (m * t + (1 - m) * np.asarray(o, np.float64))
-        if np.issubdtype(np.asarray(o).dtype, np.floating) else np.asarray(o),
-        ref, p)
+      lambda t, o: (
+        (m * t + (1 - m) * np.asarray(o, np.float64))
+        if np.issubdtype(np.asarray(o).dtype, np.floating)
+        else np.asarray(o)
+      ),
+      ref,
+      p,
+    )
   return ref
 
 
 def assert_close(tree, ref, rtol=2e-6, atol=2e-6):
   for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)):
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=rtol,
-                               atol=atol)
+    np.testing.assert_allclose(
+      np.asarray(a, np.float64), b, rtol=rtol, atol=atol
+    )
 
 
 # ---------------------------------------------------------------- every=k
+
 
 @pytest.mark.parametrize("every", [1, 2, 3, 5])
 @pytest.mark.parametrize("momentum", SCHEDULES, ids=IDS)
@@ -77,8 +97,11 @@ def test_every_matches_float64_product_momentum(momentum, every, maybe_jit):
     state = update(p, state)
   assert int(state.step) == len(seq)
   assert_close(state.target, reference(momentum, seq[0], seq, every))
-  assert int(state.target["n"]) == (len(seq) // every) * every if every > 1 \
-      else int(seq[-1]["n"])
+  assert (
+    int(state.target["n"]) == (len(seq) // every) * every
+    if every > 1
+    else int(seq[-1]["n"])
+  )
 
 
 @pytest.mark.parametrize("every", [2, 4, 8])
@@ -86,11 +109,15 @@ def test_every_is_exact_when_params_hold_still_within_windows(every):
   # Product momentum = per-step EMA when the params only change at window
   # boundaries; skipping with the per-step momentum is far off.
   schedule = jepa_ema.cosine_momentum(0.9, 1.0, total_steps=64)
-  windows = [jax.tree.map(lambda x, i=i: x + i, {"w": jnp.zeros(64)})
-             for i in range(64 // every)]
+  windows = [
+    jax.tree.map(lambda x, i=i: x + i, {"w": jnp.zeros(64)})
+    for i in range(64 // every)
+  ]
   seq = [windows[s // every] for s in range(64)]
-  per_step, amortized = jepa_ema.ema(schedule), jepa_ema.ema(schedule,
-                                                             every=every)
+  per_step, amortized = (
+    jepa_ema.ema(schedule),
+    jepa_ema.ema(schedule, every=every),
+  )
   a, b = per_step.init(seq[0]), amortized.init(seq[0])
   skip = seq[0]["w"]
   for s, p in enumerate(seq):
@@ -112,8 +139,9 @@ def test_every_leaves_target_bitwise_between_updates_and_compiles_once():
     if s % 4 != 3:
       chex.assert_trees_all_equal(new.target["enc"], state.target["enc"])
     else:
-      assert not np.array_equal(new.target["enc"]["w"],
-                                state.target["enc"]["w"])
+      assert not np.array_equal(
+        new.target["enc"]["w"], state.target["enc"]["w"]
+      )
     state = new
   assert update._cache_size() == 1
 
@@ -126,8 +154,9 @@ def test_every_in_place_under_donation():
   ptrs = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.target)]
   for _ in range(6):  # update and non-update steps alike
     state = update(params, state)
-  assert [x.unsafe_buffer_pointer()
-          for x in jax.tree.leaves(state.target)] == ptrs
+  assert [
+    x.unsafe_buffer_pointer() for x in jax.tree.leaves(state.target)
+  ] == ptrs
   mem = update.lower(params, state).compile().memory_analysis()
   model = sum(x.nbytes for x in jax.tree.leaves(params))
   assert mem.temp_size_in_bytes < 0.05 * model
@@ -142,16 +171,19 @@ def test_track_ema_every_equals_ema_of_post_step_params():
   opt_state, state = tx.init(params), ema.init(params)
   step = jax.jit(lambda p, o, g: tx.update(g, o, p))
   for p in seq:
-    grads = jax.tree.map(lambda x, y: x - y, params,
-                         {k: v for k, v in p.items() if k != "n"})
+    grads = jax.tree.map(
+      lambda x, y: x - y, params, {k: v for k, v in p.items() if k != "n"}
+    )
     updates, opt_state = step(params, opt_state, grads)
     params = optax.apply_updates(params, updates)
     state = ema.update(params, state)
-  chex.assert_trees_all_close(jepa_ema.get_target(opt_state), state.target,
-                              rtol=1e-6)
+  chex.assert_trees_all_close(
+    jepa_ema.get_target(opt_state), state.target, rtol=1e-6
+  )
 
 
 # ---------------------------------------------------------- several momenta
+
 
 def test_several_momenta_equal_separate_emas_bitwise():
   seq = params_seq(10)
@@ -168,8 +200,7 @@ def test_several_momenta_equal_separate_emas_bitwise():
   for i in range(3):
     chex.assert_trees_all_equal(states[i].target, sep[i].target)
     chex.assert_trees_all_close(states[i].drift, sep[i].drift, rtol=1e-6)
-    chex.assert_trees_all_equal(jepa_ema.get_target(states, i),
-                                sep[i].target)
+    chex.assert_trees_all_equal(jepa_ema.get_target(states, i), sep[i].target)
   assert_close(states[2].target, reference(0.5, seq[0], seq, 2))
 
 
@@ -204,13 +235,19 @@ def test_track_ema_several_momenta_in_a_chain():
 
 # ------------------------------------------------------------------- drift
 
+
 def drift64(target, online):
   def sums(t, o):
-    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
-             for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(o))
-             if np.issubdtype(np.asarray(b).dtype, np.floating)]
-    return (sum(np.sum((a - b) ** 2) for a, b in pairs),
-            sum(np.sum(b ** 2) for _, b in pairs))
+    pairs = [
+      (np.asarray(a, np.float64), np.asarray(b, np.float64))
+      for a, b in zip(jax.tree.leaves(t), jax.tree.leaves(o))
+      if np.issubdtype(np.asarray(b).dtype, np.floating)
+    ]
+    return (
+      sum(np.sum((a - b) ** 2) for a, b in pairs),
+      sum(np.sum(b**2) for _, b in pairs),
+    )
+
   d, n = sums(target, online)
   per = {}
   for k in online:
@@ -223,8 +260,9 @@ def drift64(target, online):
 @pytest.mark.parametrize("every", [1, 3])
 def test_drift_matches_float64_after_each_update(every, maybe_jit):
   seq = params_seq(9)
-  ema = jepa_ema.ema(jepa_ema.linear_momentum(0.6, 0.9, total_steps=9),
-                     drift=True, every=every)
+  ema = jepa_ema.ema(
+    jepa_ema.linear_momentum(0.6, 0.9, total_steps=9), drift=True, every=every
+  )
   update = maybe_jit(ema.update)
   state = ema.init(seq[0])
   assert float(state.drift["global"]) == 0.0
@@ -246,8 +284,11 @@ def test_drift_every_n_updates(every, interval, maybe_jit):
   """drift=N: the float64 reference on updates N-1, 2N-1, ... (counted from
   0), the last value kept unchanged (bitwise) on the others."""
   seq = params_seq(14)
-  ema = jepa_ema.ema(jepa_ema.linear_momentum(0.6, 0.9, total_steps=9),
-                     drift=interval, every=every)
+  ema = jepa_ema.ema(
+    jepa_ema.linear_momentum(0.6, 0.9, total_steps=9),
+    drift=interval,
+    every=every,
+  )
   update = maybe_jit(ema.update)
   state = ema.init(seq[0])
   kept = state.drift
@@ -281,8 +322,12 @@ def test_drift_every_n_compiles_once_and_validates():
     state = update({"w": jnp.full(3, float(i))}, state)
   assert len(traces) == 1
   assert float(state.drift["global"]) > 0  # computed at updates 9 and 19
-  for bad, exc in ((0, ValueError), (-3, ValueError), (2.5, TypeError),
-                   ("10", TypeError)):
+  for bad, exc in (
+    (0, ValueError),
+    (-3, ValueError),
+    (2.5, TypeError),
+    ("10", TypeError),
+  ):
     with pytest.raises(exc, match="drift"):
       jepa_ema.ema(0.9, drift=bad)
   with pytest.raises(ValueError, match="drift"):
@@ -306,6 +351,7 @@ def test_drift_edge_cases():
 
 # ------------------------------------------------------ stochastic rounding
 
+
 def run_to_one(ema, n_elem, steps, m_params=jnp.float32):
   """EMA from 0 toward 1 at constant params, inside one jitted loop."""
   params = jnp.zeros(n_elem, m_params)
@@ -320,15 +366,18 @@ def run_to_one(ema, n_elem, steps, m_params=jnp.float32):
 
 def test_stochastic_bf16_is_unbiased_where_nearest_stagnates():
   m, n = 0.999, 4096
-  exact = {s: 1 - m ** s for s in (500, 1000, 2000)}
-  ulp = 2.0 ** -8  # bfloat16 spacing in [0.5, 1); smaller below 0.5
+  exact = {s: 1 - m**s for s in (500, 1000, 2000)}
+  ulp = 2.0**-8  # bfloat16 spacing in [0.5, 1); smaller below 0.5
   # Each update's rounding error has std <= ulp / 2; the EMA sums them with
   # weights m^k, so one element's error has std <= ulp/2 / sqrt(1 - m^2),
   # and the mean over n elements 1/sqrt(n) of that. Bound: 6 sigma.
   bound = 6 * (ulp / 2) / math.sqrt(1 - m * m) / math.sqrt(n)
   for steps, want in exact.items():
-    sr = run_to_one(jepa_ema.ema(m, dtype=jnp.bfloat16, rounding="stochastic",
-                                 key=steps), n, steps)
+    sr = run_to_one(
+      jepa_ema.ema(m, dtype=jnp.bfloat16, rounding="stochastic", key=steps),
+      n,
+      steps,
+    )
     rn = run_to_one(jepa_ema.ema(m, dtype=jnp.bfloat16), n, steps)
     f32 = run_to_one(jepa_ema.ema(m), n, steps)
     assert sr.target.dtype == jnp.bfloat16
@@ -343,15 +392,17 @@ def test_stochastic_rounding_exact_cases_and_bounds():
   key = jax.random.key(3)
   t = jax.random.normal(key, (1000,)).astype(jnp.bfloat16)
   o = (jax.random.normal(jax.random.fold_in(key, 1), (1000,)) * 3).astype(
-      jnp.bfloat16)
+    jnp.bfloat16
+  )
   for m in (1.0, 0.999, 0.7, 0.3, 0.0):
     ema = jepa_ema.ema(m, rounding="stochastic")
     new = ema.update(o, ema.init(t)).target
     lo, hi = jnp.minimum(t, o), jnp.maximum(t, o)
     assert bool(jnp.all((new >= lo) & (new <= hi)))
     if m == 1.0:
-      assert np.array_equal(np.asarray(new).view(np.uint16),
-                            np.asarray(t).view(np.uint16))
+      assert np.array_equal(
+        np.asarray(new).view(np.uint16), np.asarray(t).view(np.uint16)
+      )
     if m == 0.0:
       assert np.array_equal(np.asarray(new), np.asarray(o))
     same = ema.update(t, ema.init(t)).target  # a fixed point stays put
@@ -360,13 +411,16 @@ def test_stochastic_rounding_exact_cases_and_bounds():
 
 def test_stochastic_rounding_is_reproducible_and_key_dependent():
   seq = params_seq(6)
-  make = lambda key: jepa_ema.ema(0.99, dtype=jnp.bfloat16,
-                                  rounding="stochastic", key=key)
+  make = lambda key: jepa_ema.ema(
+    0.99, dtype=jnp.bfloat16, rounding="stochastic", key=key
+  )
+
   def run(ema):
     s = ema.init(seq[0])
     for p in seq:
       s = jax.jit(ema.update)(p, s)
     return s
+
   a, b = run(make(1)), run(make(jax.random.key(1)))
   chex.assert_trees_all_equal(a.target, b.target)
   chex.assert_trees_all_equal(a.target, run(make(jax.random.PRNGKey(1))).target)
@@ -400,14 +454,20 @@ def test_option_validation():
 # ----------------------------------------- one compile, checkpoint, shardings
 
 CONFIGS = {
-    "every": dict(momentum=jepa_ema.cosine_momentum(total_steps=20), every=4),
-    "several": dict(momentum=(0.9, 0.99, 0.999)),
-    "drift": dict(momentum=0.9, drift=True),
-    "stochastic": dict(momentum=0.99, dtype=jnp.bfloat16,
-                       rounding="stochastic", key=5),
-    "all": dict(momentum=(0.9, jepa_ema.linear_momentum(total_steps=20)),
-                every=3, drift=True, dtype=jnp.bfloat16,
-                rounding="stochastic", skip_nonfinite=True),
+  "every": dict(momentum=jepa_ema.cosine_momentum(total_steps=20), every=4),
+  "several": dict(momentum=(0.9, 0.99, 0.999)),
+  "drift": dict(momentum=0.9, drift=True),
+  "stochastic": dict(
+    momentum=0.99, dtype=jnp.bfloat16, rounding="stochastic", key=5
+  ),
+  "all": dict(
+    momentum=(0.9, jepa_ema.linear_momentum(total_steps=20)),
+    every=3,
+    drift=True,
+    dtype=jnp.bfloat16,
+    rounding="stochastic",
+    skip_nonfinite=True,
+  ),
 }
 
 
@@ -417,8 +477,7 @@ def test_one_compilation_per_configuration(name):
   ema = jepa_ema.ema(cfg.pop("momentum"), **cfg)
   seq = params_seq(20)
   chex.clear_trace_counter()  # counts by code location, across configs
-  update = jax.jit(chex.assert_max_traces(ema.update, n=1),
-                   donate_argnums=1)
+  update = jax.jit(chex.assert_max_traces(ema.update, n=1), donate_argnums=1)
   state = ema.init(seq[0])
   for p in seq:
     state = update(p, state)
@@ -429,8 +488,9 @@ def test_one_compilation_per_configuration(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_checkpoint_round_trip_resumes_bit_identically(name, tmp_path):
   cfg = dict(CONFIGS[name])
-  tx = optax.chain(optax.adam(1e-2), jepa_ema.track_ema(cfg.pop("momentum"),
-                                                        **cfg))
+  tx = optax.chain(
+    optax.adam(1e-2), jepa_ema.track_ema(cfg.pop("momentum"), **cfg)
+  )
   seq = [{k: v for k, v in p.items() if k != "n"} for p in params_seq(14)]
   step = jax.jit(lambda p, o, g: tx.update(g, o, p))
 
@@ -445,12 +505,14 @@ def test_checkpoint_round_trip_resumes_bit_identically(name, tmp_path):
   half = train(seq[0], tx.init(seq[0]), seq[:7])  # stops mid-window
   template = (seq[0], tx.init(seq[0]))
   restored = flax.serialization.from_bytes(
-      template, flax.serialization.to_bytes(half))
+    template, flax.serialization.to_bytes(half)
+  )
   chex.assert_trees_all_equal(restored, half)
   resumed = train(*restored, seq[7:])
   chex.assert_trees_all_equal(resumed, full)
   if name == "all":  # and through orbax, as the demo checkpoints
     import orbax.checkpoint as ocp
+
     ckpt = ocp.StandardCheckpointer()
     ckpt.save(tmp_path / "state", half)
     ckpt.wait_until_finished()

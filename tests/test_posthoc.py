@@ -4,7 +4,6 @@ shardings (8 simulated devices) and the snapshot directory."""
 
 import gc
 import json
-import math
 import os
 import pathlib
 import subprocess
@@ -27,7 +26,7 @@ pytestmark = pytest.mark.standard_promotion  # orbax inside
 
 def profile(t, gamma, tau):
   """EDM2's power-function profile p(tau) = (g+1) tau^g / t^(g+1) on [0, t]."""
-  return np.where(tau <= t, (gamma + 1) * tau ** gamma / t ** (gamma + 1), 0.0)
+  return np.where(tau <= t, (gamma + 1) * tau**gamma / t ** (gamma + 1), 0.0)
 
 
 def quad_dot(ta, ga, tb, gb, n=400_001):
@@ -37,11 +36,16 @@ def quad_dot(ta, ga, tb, gb, n=400_001):
 
 
 def test_profile_inner_products_against_quadrature():
-  for ta, ga, tb, gb in [(100, 6.94, 100, 6.94), (50, 6.94, 100, 16.97),
-                         (100, 16.97, 30, 2.0), (7, 1.0, 7, 3.0)]:
+  for ta, ga, tb, gb in [
+    (100, 6.94, 100, 6.94),
+    (50, 6.94, 100, 16.97),
+    (100, 16.97, 30, 2.0),
+    (7, 1.0, 7, 3.0),
+  ]:
     want = quad_dot(ta, ga, tb, gb)
-    got = posthoc._p_dot_p(np.float64(ta), np.float64(ga), np.float64(tb),
-                           np.float64(gb))
+    got = posthoc._p_dot_p(
+      np.float64(ta), np.float64(ga), np.float64(tb), np.float64(gb)
+    )
     assert got == pytest.approx(want, rel=1e-5)
   # By hand: <p, p> = (g+1)^2 / ((2g+1) t).
   assert posthoc._p_dot_p(10.0, 2.0, 10.0, 2.0) == pytest.approx(9 / 50)
@@ -53,44 +57,58 @@ def test_coefficients_against_an_independent_solve():
   gammas = [jepa_ema.sigma_rel_to_gamma(s) for s in sigmas]
   for want_sigma, want_step in [(0.07, 800), (0.15, 600), (0.03, 800)]:
     g = jepa_ema.sigma_rel_to_gamma(want_sigma)
-    a = np.array([[quad_dot(ti, gi, tj, gj) for tj, gj in zip(steps, gammas)]
-                  for ti, gi in zip(steps, gammas)])
-    b = np.array([quad_dot(ti, gi, want_step, g)
-                  for ti, gi in zip(steps, gammas)])
+    a = np.array(
+      [
+        [quad_dot(ti, gi, tj, gj) for tj, gj in zip(steps, gammas)]
+        for ti, gi in zip(steps, gammas)
+      ]
+    )
+    b = np.array(
+      [quad_dot(ti, gi, want_step, g) for ti, gi in zip(steps, gammas)]
+    )
     ref = np.linalg.solve(a, b)
     ref /= ref.sum()
-    got = jepa_ema.posthoc_coefficients(steps, sigmas, sigma_rel=want_sigma,
-                                        step=want_step)
+    got = jepa_ema.posthoc_coefficients(
+      steps, sigmas, sigma_rel=want_sigma, step=want_step
+    )
     assert got.dtype == np.float64 and got.shape == (8,)
     assert got.sum() == pytest.approx(1.0, abs=1e-12)
     # The profile the weights build matches the reference's.
     tau = np.linspace(0, 800, 4001)
-    build = lambda x: sum(w * profile(t, gm, tau)  # noqa: E731
-                          for w, t, gm in zip(x, steps, gammas))
-    np.testing.assert_allclose(build(got), build(ref),
-                               atol=2e-3 * np.max(np.abs(build(ref))))
+    build = lambda x: sum(
+      w * profile(t, gm, tau)  # noqa: E731
+      for w, t, gm in zip(x, steps, gammas)
+    )
+    np.testing.assert_allclose(
+      build(got), build(ref), atol=2e-3 * np.max(np.abs(build(ref)))
+    )
 
 
 @pytest.mark.parametrize("index", range(6))
 def test_tracked_profile_is_recovered_exactly(index):
   steps = [100, 200, 300, 100, 200, 300]
   sigmas = [0.05, 0.05, 0.05, 0.10, 0.10, 0.10]
-  x = jepa_ema.posthoc_coefficients(steps, sigmas, sigma_rel=sigmas[index],
-                                    step=steps[index])
+  x = jepa_ema.posthoc_coefficients(
+    steps, sigmas, sigma_rel=sigmas[index], step=steps[index]
+  )
   np.testing.assert_allclose(x, np.eye(6)[index], atol=1e-8)
 
 
 def test_identical_snapshots_share_the_weight():
-  x = jepa_ema.posthoc_coefficients([100, 100, 100], [0.05, 0.05, 0.10],
-                                    sigma_rel=0.05)
+  x = jepa_ema.posthoc_coefficients(
+    [100, 100, 100], [0.05, 0.05, 0.10], sigma_rel=0.05
+  )
   np.testing.assert_allclose(x, [0.5, 0.5, 0.0], atol=1e-8)
-  x = jepa_ema.posthoc_coefficients([100, 100, 100], [0.05, 0.05, 0.10],
-                                    sigma_rel=0.07)
+  x = jepa_ema.posthoc_coefficients(
+    [100, 100, 100], [0.05, 0.05, 0.10], sigma_rel=0.07
+  )
   assert np.all(np.isfinite(x)) and x[0] == pytest.approx(x[1], abs=1e-9)
   assert np.max(np.abs(x)) < 100
 
 
-@pytest.mark.parametrize("args,kwargs,exc,match", [
+@pytest.mark.parametrize(
+  "args,kwargs,exc,match",
+  [
     (([], []), dict(sigma_rel=0.1), ValueError, "empty"),
     (([1, 2], [0.1]), dict(sigma_rel=0.1), ValueError, "same length"),
     (([10], [0.4]), dict(sigma_rel=0.1), ValueError, "sigma_rel"),
@@ -99,7 +117,8 @@ def test_identical_snapshots_share_the_weight():
     (([10], [0.1]), dict(sigma_rel=0.1, step=11), ValueError, "beyond"),
     (([10], [0.1]), dict(sigma_rel=0.1, step=0), ValueError, "step"),
     ((["a"], [0.1]), dict(sigma_rel=0.1), TypeError, "steps"),
-])
+  ],
+)
 def test_coefficients_bad_inputs(args, kwargs, exc, match):
   with pytest.raises(exc, match=match):
     jepa_ema.posthoc_coefficients(*args, **kwargs)
@@ -118,24 +137,29 @@ def test_reconstruction_on_a_random_walk_beats_the_tracked_profiles():
   rng = np.random.default_rng(0)
   walk = np.cumsum(rng.normal(size=(n, dim)) + 0.05, axis=0).astype(np.float32)
   sigmas = (0.05, 0.10, 0.07, 0.14)
-  ema = jepa_ema.ema(tuple(jepa_ema.power_momentum(sigma_rel=s)
-                           for s in sigmas))
+  ema = jepa_ema.ema(
+    tuple(jepa_ema.power_momentum(sigma_rel=s) for s in sigmas)
+  )
   update = ema.jit()
   state = ema.init({"w": jnp.zeros(dim)})
   snaps = []
   for t in range(n):
     state = update({"w": jnp.asarray(walk[t])}, state)
     if (t + 1) % every == 0:
-      snaps += [(t + 1, sigmas[i], jax.tree.map(jnp.copy, state[i].target))
-                for i in range(2)]
+      snaps += [
+        (t + 1, sigmas[i], jax.tree.map(jnp.copy, state[i].target))
+        for i in range(2)
+      ]
   ratios = []
   for k, want in ((2, 0.07), (3, 0.14)):
     truth = np.asarray(state[k].target["w"], np.float64)
-    rec = np.asarray(jepa_ema.posthoc_reconstruct(snaps, sigma_rel=want)["w"],
-                     np.float64)
+    rec = np.asarray(
+      jepa_ema.posthoc_reconstruct(snaps, sigma_rel=want)["w"], np.float64
+    )
     err = np.linalg.norm(rec - truth)
-    nearest = min(np.linalg.norm(np.asarray(state[i].target["w"]) - truth)
-                  for i in range(2))
+    nearest = min(
+      np.linalg.norm(np.asarray(state[i].target["w"]) - truth) for i in range(2)
+    )
     ratios.append(err / nearest)
   assert max(ratios) < 1e-3, ratios
 
@@ -152,52 +176,70 @@ def test_reconstruct_streams_one_snapshot_at_a_time():
       # Device arrays, as orbax restores them. (NumPy leaves are not a
       # fair probe: jit's argument conversion on CPU may keep the last
       # NumPy buffer it saw alive, whatever the caller does.)
-      tree = {"w": jnp.full((1000,), float(i), jnp.float32),
-              "n": jnp.int32(i)}
+      tree = {"w": jnp.full((1000,), float(i), jnp.float32), "n": jnp.int32(i)}
       live.add(i)
       weakref.finalize(tree["w"], live.discard, i)
       peak[0] = max(peak[0], len(live))
       return tree
+
     return load
 
-  snaps = [(s, sig, loader(i)) for i, (s, sig) in enumerate(
-      [(10, 0.05), (20, 0.05), (10, 0.1), (20, 0.1)])]
+  snaps = [
+    (s, sig, loader(i))
+    for i, (s, sig) in enumerate([(10, 0.05), (20, 0.05), (10, 0.1), (20, 0.1)])
+  ]
   gc.collect()
   out = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.08)
   assert loads == [0, 1, 2, 3]  # each read once, in order
   assert peak[0] == 1  # never two snapshots alive at once
-  x = jepa_ema.posthoc_coefficients([10, 20, 10, 20], [0.05, 0.05, 0.1, 0.1],
-                                    sigma_rel=0.08)
+  x = jepa_ema.posthoc_coefficients(
+    [10, 20, 10, 20], [0.05, 0.05, 0.1, 0.1], sigma_rel=0.08
+  )
   np.testing.assert_allclose(out["w"], np.dot(x, np.arange(4.0)), atol=1e-5)
   assert out["w"].dtype == jnp.float32
   assert int(out["n"]) == 3  # non-floating leaves: from the last snapshot
 
 
 def test_reconstruct_dtypes_and_structure_errors():
-  snaps = [(10, 0.05, {"w": jnp.ones(3, jnp.bfloat16)}),
-           (10, 0.10, {"w": jnp.zeros(3, jnp.bfloat16)})]
+  snaps = [
+    (10, 0.05, {"w": jnp.ones(3, jnp.bfloat16)}),
+    (10, 0.10, {"w": jnp.zeros(3, jnp.bfloat16)}),
+  ]
   out = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.05)
   assert out["w"].dtype == jnp.bfloat16
   np.testing.assert_allclose(np.asarray(out["w"], np.float32), 1.0)
   with pytest.raises(ValueError, match="different tree structure"):
     jepa_ema.posthoc_reconstruct(
-        [(10, 0.05, {"w": jnp.ones(3)}), (10, 0.1, {"v": jnp.ones(3)})],
-        sigma_rel=0.07)
+      [(10, 0.05, {"w": jnp.ones(3)}), (10, 0.1, {"v": jnp.ones(3)})],
+      sigma_rel=0.07,
+    )
   with pytest.raises(ValueError, match="tuple"):
     jepa_ema.posthoc_reconstruct([{"w": jnp.ones(3)}], sigma_rel=0.07)
 
 
 def test_reconstruct_keeps_shardings_on_eight_devices():
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  }
   script = pathlib.Path(__file__).parent / "scripts" / "sharded_posthoc.py"
-  proc = subprocess.run([sys.executable, str(script)], env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, str(script)],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT "):])
-  assert result == {"devices": 8, "keeps": True, "values_ok": True,
-                    "collectives": []}
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+  result = json.loads(line[len("RESULT ") :])
+  assert result == {
+    "devices": 8,
+    "keeps": True,
+    "values_ok": True,
+    "collectives": [],
+  }
 
 
 # ------------------------------------------------------------------ on disk
@@ -206,12 +248,16 @@ SIGMAS = (0.05, 0.10)
 
 
 def _train(directory, steps=12, every=4, dtype=None, snaps=None):
-  ema = jepa_ema.ema(tuple(jepa_ema.power_momentum(sigma_rel=s)
-                           for s in SIGMAS))
+  ema = jepa_ema.ema(
+    tuple(jepa_ema.power_momentum(sigma_rel=s) for s in SIGMAS)
+  )
   params = {"w": jnp.zeros((3, 2)), "count": jnp.int32(0)}
   state = ema.init(params)
-  snaps = snaps if snaps is not None else jepa_ema.PostHocSnapshots(
-      directory, SIGMAS, every=every, dtype=dtype)
+  snaps = (
+    snaps
+    if snaps is not None
+    else jepa_ema.PostHocSnapshots(directory, SIGMAS, every=every, dtype=dtype)
+  )
   saved = []
   for t in range(steps):
     params = {"w": params["w"] + 1.0 + 0.1 * t, "count": params["count"] + 1}
@@ -224,8 +270,14 @@ def test_snapshots_round_trip(tmp_path):
   state, snaps, saved = _train(tmp_path / "s")
   assert saved == [t % 4 == 3 for t in range(12)]
   listed = [(s, r) for s, r, _ in snaps]
-  assert listed == [(4, 0.05), (4, 0.1), (8, 0.05), (8, 0.1), (12, 0.05),
-                    (12, 0.1)]
+  assert listed == [
+    (4, 0.05),
+    (4, 0.1),
+    (8, 0.05),
+    (8, 0.1),
+    (12, 0.05),
+    (12, 0.1),
+  ]
   # The last snapshots are the tracked targets, bitwise.
   last = [load() for s, _, load in snaps if s == 12]
   for i in range(2):
@@ -245,8 +297,9 @@ def test_snapshots_storage_dtype(tmp_path):
   assert tree["w"].dtype == np.float16 and tree["count"].dtype == np.int32
   out = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.05)
   assert out["w"].dtype == jnp.float16
-  np.testing.assert_allclose(np.asarray(out["w"], np.float32),
-                             state[0].target["w"], rtol=2e-3)
+  np.testing.assert_allclose(
+    np.asarray(out["w"], np.float32), state[0].target["w"], rtol=2e-3
+  )
 
 
 def test_killed_writer_is_reported_then_rewritten(tmp_path):
@@ -303,11 +356,17 @@ def test_snapshot_argument_errors(tmp_path):
 
 
 def test_core_import_does_not_need_orbax():
-  code = ("import sys; sys.modules['orbax'] = None; "
-          "sys.modules['orbax.checkpoint'] = None; import jepa_ema; "
-          "print(jepa_ema.posthoc_coefficients([5], [0.1], sigma_rel=0.1))")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                        text=True, timeout=120,
-                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  code = (
+    "import sys; sys.modules['orbax'] = None; "
+    "sys.modules['orbax.checkpoint'] = None; import jepa_ema; "
+    "print(jepa_ema.posthoc_coefficients([5], [0.1], sigma_rel=0.1))"
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "JAX_PLATFORMS": "cpu"},
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "[1.]" in proc.stdout

@@ -40,34 +40,53 @@ def _eval(schedule, step, maybe_jit):
   return float(maybe_jit(schedule)(jnp.asarray(step, jnp.int32)))
 
 
-@pytest.mark.parametrize("base,final", [(0.996, 1.0), (0.99, 0.999),
-                                        (0.9, 0.5), (0.0, 1.0)])
+@pytest.mark.parametrize(
+  "base,final", [(0.996, 1.0), (0.99, 0.999), (0.9, 0.5), (0.0, 1.0)]
+)
 def test_cosine_closed_form(base, final, maybe_jit):
   s = jepa_ema.cosine_momentum(base, final, total_steps=T)
   for t in STEPS:
-    np.testing.assert_allclose(_eval(s, t, maybe_jit),
-                               cosine_ref(t, base, final, T), atol=2e-7)
+    np.testing.assert_allclose(
+      _eval(s, t, maybe_jit), cosine_ref(t, base, final, T), atol=2e-7
+    )
 
 
-@pytest.mark.parametrize("base,final", [(0.996, 1.0), (0.99, 0.999),
-                                        (0.9, 0.5), (0.0, 1.0)])
+@pytest.mark.parametrize(
+  "base,final", [(0.996, 1.0), (0.99, 0.999), (0.9, 0.5), (0.0, 1.0)]
+)
 def test_linear_closed_form(base, final, maybe_jit):
   s = jepa_ema.linear_momentum(base, final, total_steps=T)
   for t in STEPS:
-    np.testing.assert_allclose(_eval(s, t, maybe_jit),
-                               linear_ref(t, base, final, T), atol=2e-7)
+    np.testing.assert_allclose(
+      _eval(s, t, maybe_jit), linear_ref(t, base, final, T), atol=2e-7
+    )
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, dict(power=3 / 4), dict(max_momentum=0.999, min_momentum=0.5),
-    dict(inv_gamma=10.0, power=1.0, start_step=100)])
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {},
+    dict(power=3 / 4),
+    dict(max_momentum=0.999, min_momentum=0.5),
+    dict(inv_gamma=10.0, power=1.0, start_step=100),
+  ],
+)
 def test_warmup_closed_form(kwargs, maybe_jit):
   s = jepa_ema.warmup_momentum(**kwargs)
-  full = dict(max_momentum=0.9999, min_momentum=0.0, inv_gamma=1.0,
-              power=2 / 3, start_step=0) | kwargs
+  full = (
+    dict(
+      max_momentum=0.9999,
+      min_momentum=0.0,
+      inv_gamma=1.0,
+      power=2 / 3,
+      start_step=0,
+    )
+    | kwargs
+  )
   for t in STEPS + [31_623, 10**6, 10**9]:
     np.testing.assert_allclose(
-        _eval(s, t, maybe_jit), warmup_ref(t, *full.values()), atol=3e-7)
+      _eval(s, t, maybe_jit), warmup_ref(t, *full.values()), atol=3e-7
+    )
 
 
 def test_constant(maybe_jit):
@@ -76,8 +95,9 @@ def test_constant(maybe_jit):
     assert _eval(s, t, maybe_jit) == np.float32(0.99)
 
 
-@pytest.mark.parametrize("make", [jepa_ema.cosine_momentum,
-                                  jepa_ema.linear_momentum])
+@pytest.mark.parametrize(
+  "make", [jepa_ema.cosine_momentum, jepa_ema.linear_momentum]
+)
 def test_zero_total_steps_is_final(make, maybe_jit):
   s = make(0.9, 0.97, total_steps=0)
   for t in [0, 1, 100]:
@@ -102,11 +122,16 @@ def test_linear_matches_optax_oracle(base, final):
     np.testing.assert_allclose(float(ours(t)), float(oracle(t)), atol=2e-7)
 
 
-@pytest.mark.parametrize("s", [
+@pytest.mark.parametrize(
+  "s",
+  [
     jepa_ema.constant_momentum(0.9),
     jepa_ema.cosine_momentum(total_steps=T),
     jepa_ema.linear_momentum(total_steps=T),
-    jepa_ema.warmup_momentum()], ids=lambda s: type(s).__name__)
+    jepa_ema.warmup_momentum(),
+  ],
+  ids=lambda s: type(s).__name__,
+)
 def test_vmap_and_dtype(s):
   steps = jnp.asarray(STEPS, jnp.int32)
   out = jax.vmap(s)(steps)
@@ -118,9 +143,11 @@ def test_vmap_and_dtype(s):
 
 
 def test_monotone_and_in_range():
-  for s in [jepa_ema.cosine_momentum(total_steps=T),
-            jepa_ema.linear_momentum(total_steps=T),
-            jepa_ema.warmup_momentum()]:
+  for s in [
+    jepa_ema.cosine_momentum(total_steps=T),
+    jepa_ema.linear_momentum(total_steps=T),
+    jepa_ema.warmup_momentum(),
+  ]:
     v = np.asarray(jax.vmap(s)(jnp.arange(0, 2 * T, dtype=jnp.int32)))
     assert np.all(np.diff(v) >= 0) and v.min() >= 0 and v.max() <= 1
 
@@ -151,34 +178,70 @@ def test_same_schedule_compiles_once():
 
 
 BAD = [
-    (jepa_ema.constant_momentum, (1.5,), {}, ValueError, "momentum"),
-    (jepa_ema.constant_momentum, (-0.1,), {}, ValueError, "momentum"),
-    (jepa_ema.constant_momentum, (float("nan"),), {}, ValueError, "finite"),
-    (jepa_ema.constant_momentum, ("0.9",), {}, TypeError, "momentum"),
-    (jepa_ema.cosine_momentum, (1.2, 1.0), dict(total_steps=10), ValueError,
-     "base"),
-    (jepa_ema.cosine_momentum, (0.9, 1.01), dict(total_steps=10), ValueError,
-     "final"),
-    (jepa_ema.cosine_momentum, (), dict(total_steps=-1), ValueError,
-     "total_steps"),
-    (jepa_ema.linear_momentum, (), dict(total_steps="10"), TypeError,
-     "total_steps"),
-    (jepa_ema.linear_momentum, (), dict(total_steps=math.inf), ValueError,
-     "total_steps"),
-    (jepa_ema.linear_momentum, (), dict(total_steps=True), TypeError,
-     "total_steps"),
-    (jepa_ema.warmup_momentum, (), dict(inv_gamma=0.0), ValueError,
-     "inv_gamma"),
-    (jepa_ema.warmup_momentum, (), dict(power=-1.0), ValueError, "power"),
-    (jepa_ema.warmup_momentum, (), dict(min_momentum=0.9, max_momentum=0.5),
-     ValueError, "min_momentum"),
-    (jepa_ema.warmup_momentum, (), dict(start_step=-3), ValueError,
-     "start_step"),
+  (jepa_ema.constant_momentum, (1.5,), {}, ValueError, "momentum"),
+  (jepa_ema.constant_momentum, (-0.1,), {}, ValueError, "momentum"),
+  (jepa_ema.constant_momentum, (float("nan"),), {}, ValueError, "finite"),
+  (jepa_ema.constant_momentum, ("0.9",), {}, TypeError, "momentum"),
+  (
+    jepa_ema.cosine_momentum,
+    (1.2, 1.0),
+    dict(total_steps=10),
+    ValueError,
+    "base",
+  ),
+  (
+    jepa_ema.cosine_momentum,
+    (0.9, 1.01),
+    dict(total_steps=10),
+    ValueError,
+    "final",
+  ),
+  (
+    jepa_ema.cosine_momentum,
+    (),
+    dict(total_steps=-1),
+    ValueError,
+    "total_steps",
+  ),
+  (
+    jepa_ema.linear_momentum,
+    (),
+    dict(total_steps="10"),
+    TypeError,
+    "total_steps",
+  ),
+  (
+    jepa_ema.linear_momentum,
+    (),
+    dict(total_steps=math.inf),
+    ValueError,
+    "total_steps",
+  ),
+  (
+    jepa_ema.linear_momentum,
+    (),
+    dict(total_steps=True),
+    TypeError,
+    "total_steps",
+  ),
+  (jepa_ema.warmup_momentum, (), dict(inv_gamma=0.0), ValueError, "inv_gamma"),
+  (jepa_ema.warmup_momentum, (), dict(power=-1.0), ValueError, "power"),
+  (
+    jepa_ema.warmup_momentum,
+    (),
+    dict(min_momentum=0.9, max_momentum=0.5),
+    ValueError,
+    "min_momentum",
+  ),
+  (jepa_ema.warmup_momentum, (), dict(start_step=-3), ValueError, "start_step"),
 ]
 
 
-@pytest.mark.parametrize("make,args,kwargs,exc,match", BAD,
-                         ids=[f"{b[0].__name__}-{i}" for i, b in enumerate(BAD)])
+@pytest.mark.parametrize(
+  "make,args,kwargs,exc,match",
+  BAD,
+  ids=[f"{b[0].__name__}-{i}" for i, b in enumerate(BAD)],
+)
 def test_bad_arguments(make, args, kwargs, exc, match):
   with pytest.raises(exc, match=match):
     make(*args, **kwargs)
@@ -208,22 +271,32 @@ def ijepa_generator(ema0, ema1, ipe, epochs, ipe_scale):
   return (ema0 + i * (ema1 - ema0) / total for i in range(int(total) + 1))
 
 
-@pytest.mark.parametrize("ema0,ipe,epochs,ipe_scale", [
-    (0.996, 37, 3, 1.25), (0.998, 11, 7, 1.25), (0.996, 13, 5, 1.0),
-    (0.99925, 29, 2, 1.25)])
+@pytest.mark.parametrize(
+  "ema0,ipe,epochs,ipe_scale",
+  [
+    (0.996, 37, 3, 1.25),
+    (0.998, 11, 7, 1.25),
+    (0.996, 13, 5, 1.0),
+    (0.99925, 29, 2, 1.25),
+  ],
+)
 def test_linear_momentum_ports_the_jepa_generator_exactly(
-    ema0, ipe, epochs, ipe_scale, maybe_jit):
+  ema0, ipe, epochs, ipe_scale, maybe_jit
+):
   ref = np.array(list(ijepa_generator(ema0, 1.0, ipe, epochs, ipe_scale)))
-  ours = jepa_ema.linear_momentum(ema0, 1.0,
-                                  total_steps=ipe * epochs * ipe_scale)
+  ours = jepa_ema.linear_momentum(
+    ema0, 1.0, total_steps=ipe * epochs * ipe_scale
+  )
   got = np.asarray(maybe_jit(ours)(jnp.arange(len(ref))))
   # Within one float32 rounding of the float64 generator ...
-  np.testing.assert_allclose(got, ref.astype(np.float32), rtol=0,
-                             atol=np.spacing(np.float32(1.0)))
+  np.testing.assert_allclose(
+    got, ref.astype(np.float32), rtol=0, atol=np.spacing(np.float32(1.0))
+  )
   # ... whereas int(...) of a non-integer product ramps measurably too fast.
   if (ipe * epochs * ipe_scale) % 1:
     rounded = jepa_ema.linear_momentum(
-        ema0, 1.0, total_steps=int(ipe * epochs * ipe_scale))
+      ema0, 1.0, total_steps=int(ipe * epochs * ipe_scale)
+    )
     err = np.max(np.abs(np.asarray(rounded(jnp.arange(len(ref)))) - ref))
     assert err > 4 * np.spacing(np.float32(1.0))
 
@@ -231,27 +304,29 @@ def test_linear_momentum_ports_the_jepa_generator_exactly(
 def test_real_total_steps_cosine_and_equality():
   a = jepa_ema.cosine_momentum(0.99, 1.0, total_steps=12.5)
   for t in (0, 3, 6.25, 12, 12.5, 20):
-    np.testing.assert_allclose(float(a(t)), cosine_ref(t, 0.99, 1.0, 12.5),
-                               atol=2e-7)
+    np.testing.assert_allclose(
+      float(a(t)), cosine_ref(t, 0.99, 1.0, 12.5), atol=2e-7
+    )
   assert jepa_ema.linear_momentum(total_steps=10) == jepa_ema.linear_momentum(
-      total_steps=10.0)
+    total_steps=10.0
+  )
 
 
 # ------------------------------------------------------------ horizon tools
 
 BASES = {
-    "constant": jepa_ema.constant_momentum(0.99),
-    "cosine": jepa_ema.cosine_momentum(0.99, 1.0, total_steps=400),
-    "linear": jepa_ema.linear_momentum(0.99, 1.0, total_steps=400),
-    "warmup": jepa_ema.warmup_momentum(0.999, power=3 / 4),
-    "optax": optax.linear_schedule(0.9, 0.999, 300),
+  "constant": jepa_ema.constant_momentum(0.99),
+  "cosine": jepa_ema.cosine_momentum(0.99, 1.0, total_steps=400),
+  "linear": jepa_ema.linear_momentum(0.99, 1.0, total_steps=400),
+  "warmup": jepa_ema.warmup_momentum(0.999, power=3 / 4),
+  "optax": optax.linear_schedule(0.9, 0.999, 300),
 }
 REFS = {
-    "constant": lambda t: 0.99,
-    "cosine": lambda t: cosine_ref(t, 0.99, 1.0, 400),
-    "linear": lambda t: linear_ref(t, 0.99, 1.0, 400),
-    "warmup": lambda t: warmup_ref(t, 0.999, 0.0, 1.0, 3 / 4, 0),
-    "optax": lambda t: 0.9 + (0.999 - 0.9) * min(max(t, 0), 300) / 300,
+  "constant": lambda t: 0.99,
+  "cosine": lambda t: cosine_ref(t, 0.99, 1.0, 400),
+  "linear": lambda t: linear_ref(t, 0.99, 1.0, 400),
+  "warmup": lambda t: warmup_ref(t, 0.999, 0.0, 1.0, 3 / 4, 0),
+  "optax": lambda t: 0.9 + (0.999 - 0.9) * min(max(t, 0), 300) / 300,
 }
 
 
@@ -293,8 +368,11 @@ def test_scale_momentum_bad_types():
 
 
 @settings(max_examples=40)
-@given(m=st.floats(0.5, 0.9999), n=st.integers(1, 60),
-       kappa=st.sampled_from([0.25, 0.5, 2, 3, 4]))
+@given(
+  m=st.floats(0.5, 0.9999),
+  n=st.integers(1, 60),
+  kappa=st.sampled_from([0.25, 0.5, 2, 3, 4]),
+)
 def test_scaling_rule_identity(m, n, kappa):
   """For a constant online target, kappa*n steps at m land where n steps at
   scale_momentum(m, kappa) land: the rule's defining identity."""
@@ -302,7 +380,7 @@ def test_scaling_rule_identity(m, n, kappa):
     n = n * 4  # kappa * n must be a whole number of reference steps
   online = np.float64(1.0)
   ref = 0.0
-  for t in range(int(kappa * n)):
+  for _ in range(int(kappa * n)):
     ref = m * ref + (1 - m) * online
   scaled = jepa_ema.scale_momentum(m, kappa)
   ours = jnp.float32(0.0)
@@ -310,20 +388,23 @@ def test_scaling_rule_identity(m, n, kappa):
     ours = jepa_ema.ema_update(ours, jnp.float32(online), t, scaled)
   np.testing.assert_allclose(float(ours), ref, rtol=0, atol=2e-5)
   # In closed form, exactly the same weight on the old target.
-  np.testing.assert_allclose(float(scaled(0)) ** n, m ** (kappa * n),
-                             rtol=2e-5 * n)
+  np.testing.assert_allclose(
+    float(scaled(0)) ** n, m ** (kappa * n), rtol=2e-5 * n
+  )
 
 
 @pytest.mark.parametrize("halflife", [1.0, 10.0, 693.1, 2.5e5])
 def test_halflife_closed_form(halflife, maybe_jit):
   s = maybe_jit(jepa_ema.halflife_momentum(halflife))
   for t in (0, 1, 1000):
-    np.testing.assert_allclose(float(s(t)), 0.5 ** (1 / halflife),
-                               rtol=0, atol=1.2e-7)
+    np.testing.assert_allclose(
+      float(s(t)), 0.5 ** (1 / halflife), rtol=0, atol=1.2e-7
+    )
   # The defining property: after `halflife` steps the old weight halves (up
   # to float32's resolution of m near 1: half an ulp of 1, times halflife).
-  np.testing.assert_allclose(float(s(0)) ** halflife, 0.5,
-                             rtol=1e-6 + 3e-8 * halflife)
+  np.testing.assert_allclose(
+    float(s(0)) ** halflife, 0.5, rtol=1e-6 + 3e-8 * halflife
+  )
 
 
 def edm_beta(cur_nimg, batch_size, halflife_kimg, rampup_ratio):
@@ -335,8 +416,9 @@ def edm_beta(cur_nimg, batch_size, halflife_kimg, rampup_ratio):
   return 0.5 ** (batch_size / max(ema_halflife_nimg, 1e-8))
 
 
-@pytest.mark.parametrize("batch,kimg,ratio", [(512, 500, 0.05),
-                                              (64, 10, 0.05), (8, 2, 0.5)])
+@pytest.mark.parametrize(
+  "batch,kimg,ratio", [(512, 500, 0.05), (64, 10, 0.05), (8, 2, 0.5)]
+)
 def test_halflife_rampup_matches_edm(batch, kimg, ratio, maybe_jit):
   s = maybe_jit(jepa_ema.halflife_momentum(kimg * 1000 / batch, rampup=ratio))
   for t in [0, 1, 2, 10, 100, 999, 10_000, 100_000]:
@@ -344,20 +426,26 @@ def test_halflife_rampup_matches_edm(batch, kimg, ratio, maybe_jit):
     np.testing.assert_allclose(float(s(t)), want, rtol=0, atol=2e-7)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(halflife=0.0), "halflife"), (dict(halflife=-1.0), "halflife"),
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (dict(halflife=0.0), "halflife"),
+    (dict(halflife=-1.0), "halflife"),
     (dict(halflife=math.inf), "halflife"),
-    (dict(halflife=10.0, rampup=0.0), "rampup")])
+    (dict(halflife=10.0, rampup=0.0), "rampup"),
+  ],
+)
 def test_halflife_bad(kwargs, match):
   with pytest.raises(ValueError, match=match):
     jepa_ema.halflife_momentum(**kwargs)
 
 
 def test_horizon_schedules_compile_once():
-  for schedule in (jepa_ema.halflife_momentum(100.0, rampup=0.05),
-                   jepa_ema.scale_momentum(
-                       jepa_ema.cosine_momentum(total_steps=50), 2.0),
-                   jepa_ema.power_momentum(sigma_rel=0.1)):
+  for schedule in (
+    jepa_ema.halflife_momentum(100.0, rampup=0.05),
+    jepa_ema.scale_momentum(jepa_ema.cosine_momentum(total_steps=50), 2.0),
+    jepa_ema.power_momentum(sigma_rel=0.1),
+  ):
     traces = []
 
     @jax.jit
@@ -368,8 +456,9 @@ def test_horizon_schedules_compile_once():
     for step in range(5):
       f(jnp.asarray(step, jnp.int32))
     assert len(traces) == 1
-    np.testing.assert_allclose(jax.vmap(schedule)(jnp.arange(4)),
-                               [schedule(t) for t in range(4)], atol=0)
+    np.testing.assert_allclose(
+      jax.vmap(schedule)(jnp.arange(4)), [schedule(t) for t in range(4)], atol=0
+    )
 
 
 def timm_decay(step, decay, min_decay, update_after_step, gamma, power):
@@ -389,9 +478,12 @@ def test_timm_port_from_readme(u, mn):
   warm = jepa_ema.warmup_momentum(0.9999, mn, 1.0, 3 / 4, start_step=u)
   timm = lambda t: jnp.where(t <= u, 0.0, warm(t))  # noqa: E731
   for t in range(0, 60):
-    np.testing.assert_allclose(float(timm(t)),
-                               timm_decay(t + 1, 0.9999, mn, u, 1.0, 3 / 4),
-                               rtol=0, atol=2e-7)
+    np.testing.assert_allclose(
+      float(timm(t)),
+      timm_decay(t + 1, 0.9999, mn, u, 1.0, 3 / 4),
+      rtol=0,
+      atol=2e-7,
+    )
   if mn > 0:  # warmup_momentum alone cannot copy the first u + 1 updates
     assert float(warm(0)) == np.float32(mn)
 
@@ -403,13 +495,14 @@ def test_timm_port_from_readme(u, mn):
 def test_sigma_gamma_round_trip_and_eq_123(gamma):
   sigma = jepa_ema.gamma_to_sigma_rel(gamma)
   # eq. 123, by hand: sigma^2 = (g+1) / ((g+2)^2 (g+3))
-  assert sigma ** 2 == pytest.approx((gamma + 1) / ((gamma + 2) ** 2
-                                                    * (gamma + 3)), rel=1e-15)
+  assert sigma**2 == pytest.approx(
+    (gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)), rel=1e-15
+  )
   back = jepa_ema.sigma_rel_to_gamma(sigma)
   assert back == pytest.approx(gamma, rel=1e-13)
   # eq. 126: the cubic vanishes at the root.
-  t = sigma ** -2
-  assert abs(back ** 3 + 7 * back ** 2 + (16 - t) * back + 12 - t) < 1e-9 * t
+  t = sigma**-2
+  assert abs(back**3 + 7 * back**2 + (16 - t) * back + 12 - t) < 1e-9 * t
 
 
 def test_edm2_published_pairs():
@@ -435,7 +528,8 @@ def test_power_momentum_closed_form_and_args(maybe_jit):
   assert float(f(0)) == 0.0  # update 0 copies the online params
   assert s.sigma_rel == pytest.approx(jepa_ema.gamma_to_sigma_rel(6.94))
   assert jepa_ema.power_momentum(sigma_rel=0.1) == jepa_ema.power_momentum(
-      gamma=jepa_ema.sigma_rel_to_gamma(0.1))
+    gamma=jepa_ema.sigma_rel_to_gamma(0.1)
+  )
   for kwargs in ({}, dict(sigma_rel=0.1, gamma=7.0)):
     with pytest.raises(ValueError, match="exactly one"):
       jepa_ema.power_momentum(**kwargs)
@@ -454,21 +548,31 @@ def test_power_ema_averages_with_tau_to_the_gamma():
   for t in range(n):
     m = float(s(t))
     target = m * target + (1 - m) * xs[t]
-  w = np.array([(1 - float(s(t))) * np.prod([float(s(k)) for k in
-                                             range(t + 1, n)])
-                for t in range(n)])
+  w = np.array(
+    [
+      (1 - float(s(t))) * np.prod([float(s(k)) for k in range(t + 1, n)])
+      for t in range(n)
+    ]
+  )
   np.testing.assert_allclose(target, w @ xs, rtol=1e-5)
   tau = np.arange(1, n + 1)
-  np.testing.assert_allclose(w / w.sum(), tau ** gamma / np.sum(tau ** gamma),
-                             atol=0.02 * np.max(w))
+  np.testing.assert_allclose(
+    w / w.sum(), tau**gamma / np.sum(tau**gamma), atol=0.02 * np.max(w)
+  )
 
 
 @pytest.mark.standard_promotion  # optax internals
-@pytest.mark.parametrize("schedule", [
-    jepa_ema.scale_momentum(jepa_ema.cosine_momentum(0.9, 1.0,
-                                                     total_steps=20), 2.0),
+@pytest.mark.parametrize(
+  "schedule",
+  [
+    jepa_ema.scale_momentum(
+      jepa_ema.cosine_momentum(0.9, 1.0, total_steps=20), 2.0
+    ),
     jepa_ema.halflife_momentum(3.0, rampup=0.5),
-    jepa_ema.power_momentum(sigma_rel=0.1)], ids=["scale", "halflife", "power"])
+    jepa_ema.power_momentum(sigma_rel=0.1),
+  ],
+  ids=["scale", "halflife", "power"],
+)
 @pytest.mark.parametrize("every", [1, 3])
 def test_horizon_schedules_drive_ema_and_track_ema(schedule, every):
   """The new schedules as the momentum of ema / track_ema, also every=k
@@ -488,9 +592,12 @@ def test_horizon_schedules_drive_ema_and_track_ema(schedule, every):
   update = jax.jit(ema.update)
   for x in online:
     state = update({"w": jnp.asarray(x, jnp.float32)}, state)
-    grads = jax.tree.map(lambda a, b: a - b, p, {"w": jnp.asarray(x, jnp.float32)})
+    grads = jax.tree.map(
+      lambda a, b: a - b, p, {"w": jnp.asarray(x, jnp.float32)}
+    )
     updates, opt_state = tx.update(grads, opt_state, p)
     p = optax.apply_updates(p, updates)
   np.testing.assert_allclose(state.target["w"], ref, atol=2e-5)
-  np.testing.assert_allclose(jepa_ema.get_target(opt_state)["w"], ref,
-                             atol=2e-5)
+  np.testing.assert_allclose(
+    jepa_ema.get_target(opt_state)["w"], ref, atol=2e-5
+  )

@@ -17,31 +17,52 @@ SCRIPT = pathlib.Path(__file__).parent / "scripts" / "sharded_ema.py"
 def result(request):
   """Mesh axes of both kinds: Auto (XLA picks layouts) and Explicit (layouts
   in the types; ``jax.make_mesh``'s default in recent JAX)."""
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  proc = subprocess.run([sys.executable, str(SCRIPT), request.param], env=env,
-                        capture_output=True, text=True, timeout=300)
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+  }
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), request.param],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT ") :])
 
 
 def test_eight_devices(result):
   assert result["devices"] == 8
 
 
-@pytest.mark.parametrize("key", ["init_eager_keeps", "init_jit_keeps",
-                                 "init_out_shardings_keeps",
-                                 "state_shardings_match", "update_keeps",
-                                 "update_values_ok", "make_ema_update_keeps",
-                                 "track_ema_keeps"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "init_eager_keeps",
+    "init_jit_keeps",
+    "init_out_shardings_keeps",
+    "state_shardings_match",
+    "update_keeps",
+    "update_values_ok",
+    "make_ema_update_keeps",
+    "track_ema_keeps",
+  ],
+)
 def test_shardings_are_kept(result, key):
   assert result[key] is True
 
 
-@pytest.mark.parametrize("key", ["update_collectives",
-                                 "make_ema_update_collectives",
-                                 "track_ema_collectives"])
+@pytest.mark.parametrize(
+  "key",
+  [
+    "update_collectives",
+    "make_ema_update_collectives",
+    "track_ema_collectives",
+  ],
+)
 def test_no_collectives(result, key):
   assert result[key] == []
 

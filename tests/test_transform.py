@@ -12,11 +12,13 @@ import pytest
 import jepa_ema
 
 
-
 def init_params(seed=0):
   k1, k2 = jax.random.split(jax.random.key(seed))
-  return {"w": jax.random.normal(k1, (5, 3)), "b": jnp.zeros(3),
-          "n": jnp.array(0, jnp.int32)}
+  return {
+    "w": jax.random.normal(k1, (5, 3)),
+    "b": jnp.zeros(3),
+    "n": jnp.array(0, jnp.int32),
+  }
 
 
 def loss_fn(params, x, y):
@@ -40,19 +42,29 @@ def hand_rolled(schedule, params_seq):
   ref = to64(params_seq[0])
   for t, p in enumerate(params_seq[1:]):
     m = np.float64(np.float32(schedule(t)))
-    ref = {k: (m * ref[k] + (1 - m) * np.asarray(p[k], np.float64)
-               if k != "n" else np.asarray(p[k])) for k in ref}
+    ref = {
+      k: (
+        m * ref[k] + (1 - m) * np.asarray(p[k], np.float64)
+        if k != "n"
+        else np.asarray(p[k])
+      )
+      for k in ref
+    }
   return ref
 
 
-SCHEDULES = [0.9, jepa_ema.cosine_momentum(0.8, 1.0, total_steps=30),
-             jepa_ema.linear_momentum(0.5, 0.99, total_steps=20),
-             jepa_ema.warmup_momentum(power=3 / 4)]
+SCHEDULES = [
+  0.9,
+  jepa_ema.cosine_momentum(0.8, 1.0, total_steps=30),
+  jepa_ema.linear_momentum(0.5, 0.99, total_steps=20),
+  jepa_ema.warmup_momentum(power=3 / 4),
+]
 
 
 @pytest.mark.standard_promotion  # optax internals promote implicitly
-@pytest.mark.parametrize("momentum", SCHEDULES,
-                         ids=["float", "cosine", "linear", "warmup"])
+@pytest.mark.parametrize(
+  "momentum", SCHEDULES, ids=["float", "cosine", "linear", "warmup"]
+)
 def test_ema_wrapper_matches_float64_over_adam(momentum, maybe_jit):
   opt = optax.adamw(3e-2)
   ema = jepa_ema.ema(momentum)
@@ -78,8 +90,11 @@ def test_ema_wrapper_matches_float64_over_adam(momentum, maybe_jit):
 @pytest.mark.standard_promotion  # optax internals promote implicitly
 @pytest.mark.parametrize("momentum", SCHEDULES[:2], ids=["float", "cosine"])
 def test_track_ema_matches_float64_over_adam(momentum, maybe_jit):
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(3e-2),
-                   jepa_ema.track_ema(momentum))
+  tx = optax.chain(
+    optax.clip_by_global_norm(1.0),
+    optax.adam(3e-2),
+    jepa_ema.track_ema(momentum),
+  )
   params = {k: v for k, v in init_params().items() if k != "n"}
   opt_state = tx.init(params)
 
@@ -102,8 +117,10 @@ def test_track_ema_matches_float64_over_adam(momentum, maybe_jit):
 @pytest.mark.standard_promotion  # optax internals promote implicitly
 def test_track_ema_returns_updates_unchanged():
   params = {"w": jnp.ones(4)}
-  plain, tracked = optax.adam(0.1), optax.chain(optax.adam(0.1),
-                                                jepa_ema.track_ema(0.9))
+  plain, tracked = (
+    optax.adam(0.1),
+    optax.chain(optax.adam(0.1), jepa_ema.track_ema(0.9)),
+  )
   s1, s2 = plain.init(params), tracked.init(params)
   g = {"w": jnp.arange(4.0)}
   u1, _ = plain.update(g, s1, params)
@@ -143,8 +160,9 @@ def test_multisteps_advances_only_on_real_steps():
       np.testing.assert_array_equal(new_params["w"], params["w"])
     params = new_params
     assert int(state.inner_opt_state[-1].step) == (i + 1) // k
-    np.testing.assert_allclose(jepa_ema.get_target(state)["w"], ema_ref,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+      jepa_ema.get_target(state)["w"], ema_ref, rtol=1e-6
+    )
 
 
 def test_init_copies_and_never_zeros():
@@ -171,18 +189,20 @@ def test_bf16_stagnates_without_f32_target_and_matches_closed_form_with_it():
   assert s_wide.target["w"].dtype == jnp.float32
 
   def run(tx, state):
-    return jax.lax.fori_loop(0, steps, lambda i, s: tx.update(online, s),
-                             state)
+    return jax.lax.fori_loop(0, steps, lambda i, s: tx.update(online, s), state)
 
-  s_plain, s_wide = jax.jit(run, static_argnums=0)(plain, s_plain), \
-      jax.jit(run, static_argnums=0)(wide, s_wide)
-  closed_form = 1.0 - m ** steps  # 0.8648
+  s_plain, s_wide = (
+    jax.jit(run, static_argnums=0)(plain, s_plain),
+    jax.jit(run, static_argnums=0)(wide, s_wide),
+  )
+  closed_form = 1.0 - m**steps  # 0.8648
   # bfloat16: (1 - m) * (1 - t) drops below half an ulp of t and the target
   # gets stuck far from the closed form.
   stuck = float(s_plain.target["w"][0])
   assert abs(stuck - closed_form) > 0.2, stuck
-  np.testing.assert_allclose(np.asarray(s_wide.target["w"]), closed_form,
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    np.asarray(s_wide.target["w"]), closed_form, rtol=1e-4
+  )
 
 
 def test_dtype_validation():
@@ -217,8 +237,9 @@ def test_skip_nonfinite(bad, maybe_jit):
   update = maybe_jit(ema.update)
   state = update({"w": jnp.ones(3), "c": jnp.array(1, jnp.int32)}, state)
   before = np.asarray(state.target["w"]).copy()
-  state = update({"w": jnp.array([1.0, bad, 1.0]),
-                  "c": jnp.array(2, jnp.int32)}, state)
+  state = update(
+    {"w": jnp.array([1.0, bad, 1.0]), "c": jnp.array(2, jnp.int32)}, state
+  )
   np.testing.assert_array_equal(np.asarray(state.target["w"]), before)
   assert int(state.skipped) == 1 and int(state.step) == 2
   state = update({"w": jnp.ones(3), "c": jnp.array(3, jnp.int32)}, state)
@@ -251,8 +272,7 @@ def test_one_compilation_over_100_steps(wrapper):
   if wrapper == "ema":
     ema = jepa_ema.ema(sched)
     state = ema.init(params)
-    step = jax.jit(chex.assert_max_traces(ema.update, n=1),
-                   donate_argnums=1)
+    step = jax.jit(chex.assert_max_traces(ema.update, n=1), donate_argnums=1)
     for i in range(100):
       state = step(jax.tree.map(lambda x: x * i, params), state)
   else:
@@ -279,8 +299,9 @@ def test_get_target_errors_and_nesting():
     jepa_ema.get_target(two.init({"w": jnp.ones(2)}))
   nested = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
   tx = optax.multi_transform(
-      {"a": optax.chain(nested, jepa_ema.track_ema(0.9)), "b": optax.sgd(1.0)},
-      {"w": "a", "v": "b"})
+    {"a": optax.chain(nested, jepa_ema.track_ema(0.9)), "b": optax.sgd(1.0)},
+    {"w": "a", "v": "b"},
+  )
   state = tx.init({"w": jnp.ones(2), "v": jnp.zeros(1)})
   target = jepa_ema.get_target(state)
   np.testing.assert_array_equal(target["w"], 1.0)
@@ -294,6 +315,7 @@ def _train(tx, params, opt_state, data):
     g = jax.grad(loss_fn)(params, x, y)
     updates, opt_state = tx.update(g, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
+
   for x, y in data:
     params, opt_state = step(params, opt_state, x, y)
   return params, opt_state
@@ -301,9 +323,14 @@ def _train(tx, params, opt_state, data):
 
 @pytest.mark.standard_promotion  # optax internals promote implicitly
 def test_checkpoint_round_trip_is_bit_identical():
-  tx = optax.chain(optax.adam(1e-2), jepa_ema.track_ema(
+  tx = optax.chain(
+    optax.adam(1e-2),
+    jepa_ema.track_ema(
       jepa_ema.cosine_momentum(0.9, 1.0, total_steps=40),
-      dtype=jnp.float32, skip_nonfinite=True))
+      dtype=jnp.float32,
+      skip_nonfinite=True,
+    ),
+  )
   params = {k: v for k, v in init_params().items() if k != "n"}
   data = list(batches(20))
   full_p, full_s = _train(tx, params, tx.init(params), data)
@@ -315,8 +342,9 @@ def test_checkpoint_round_trip_is_bit_identical():
   assert isinstance(restored_s[-1], jepa_ema.EmaState)
   assert int(restored_s[-1].step) == 10
   res_p, res_s = _train(tx, restored_p, restored_s, data[10:])
-  for a, b in zip(jax.tree.leaves((full_p, full_s)),
-                  jax.tree.leaves((res_p, res_s))):
+  for a, b in zip(
+    jax.tree.leaves((full_p, full_s)), jax.tree.leaves((res_p, res_s))
+  ):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 

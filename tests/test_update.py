@@ -18,12 +18,14 @@ import jepa_ema
 def random_tree(seed, dtype=jnp.float32):
   k = jax.random.split(jax.random.key(seed), 4)
   return {
-      "encoder": {
-          "w": jax.random.normal(k[0], (8, 16), dtype),
-          "b": jax.random.normal(k[1], (16,), dtype),
-      },
-      "blocks": [jax.random.normal(k[2], (3, 4), dtype),
-                 jax.random.normal(k[3], (), dtype)],
+    "encoder": {
+      "w": jax.random.normal(k[0], (8, 16), dtype),
+      "b": jax.random.normal(k[1], (16,), dtype),
+    },
+    "blocks": [
+      jax.random.normal(k[2], (3, 4), dtype),
+      jax.random.normal(k[3], (), dtype),
+    ],
   }
 
 
@@ -50,31 +52,46 @@ def test_matches_float64_reference(maybe_jit):
 
 
 def test_m_equals_one_is_bitwise_identity(maybe_jit):
-  target = {"a": jnp.array([-0.0, 1e-38, np.inf, 3.0]),
-            "b": jnp.array([1.5, -2.25], jnp.bfloat16)}
-  online = {"a": jnp.array([5.0, np.inf, 1.0, np.nan]),
-            "b": jnp.array([7.0, 3.0], jnp.bfloat16)}
+  target = {
+    "a": jnp.array([-0.0, 1e-38, np.inf, 3.0]),
+    "b": jnp.array([1.5, -2.25], jnp.bfloat16),
+  }
+  online = {
+    "a": jnp.array([5.0, np.inf, 1.0, np.nan]),
+    "b": jnp.array([7.0, 3.0], jnp.bfloat16),
+  }
   out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 1.0)
   for k in target:
     np.testing.assert_array_equal(
-        np.asarray(out[k]).view(np.uint8), np.asarray(target[k]).view(np.uint8))
+      np.asarray(out[k]).view(np.uint8), np.asarray(target[k]).view(np.uint8)
+    )
 
 
 def test_m_equals_zero_is_online_cast(maybe_jit):
   target = {"a": jnp.zeros(3, jnp.bfloat16), "b": jnp.ones(3)}
-  online = {"a": jnp.array([1.1, 2.2, 3.3], jnp.float32),
-            "b": jnp.array([-0.0, 1e-30, 7.0])}
+  online = {
+    "a": jnp.array([1.1, 2.2, 3.3], jnp.float32),
+    "b": jnp.array([-0.0, 1e-30, 7.0]),
+  }
   out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 0.0)
   assert out["a"].dtype == jnp.bfloat16
   np.testing.assert_array_equal(out["a"], online["a"].astype(jnp.bfloat16))
-  np.testing.assert_array_equal(np.asarray(out["b"]).view(np.uint32),
-                                np.asarray(online["b"]).view(np.uint32))
+  np.testing.assert_array_equal(
+    np.asarray(out["b"]).view(np.uint32),
+    np.asarray(online["b"]).view(np.uint32),
+  )
 
 
-@pytest.mark.parametrize("t_dtype,o_dtype", [
-    (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.bfloat16),
-    (jnp.bfloat16, jnp.float32), (jnp.float16, jnp.float32),
-    (jnp.float32, jnp.float32)])
+@pytest.mark.parametrize(
+  "t_dtype,o_dtype",
+  [
+    (jnp.float32, jnp.bfloat16),
+    (jnp.bfloat16, jnp.bfloat16),
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float16, jnp.float32),
+    (jnp.float32, jnp.float32),
+  ],
+)
 def test_keeps_target_dtype_and_computes_in_f32(t_dtype, o_dtype, maybe_jit):
   target = {"w": jnp.linspace(-1, 1, 64).astype(t_dtype)}
   online = {"w": jnp.linspace(2, 0, 64).astype(o_dtype)}
@@ -86,32 +103,43 @@ def test_keeps_target_dtype_and_computes_in_f32(t_dtype, o_dtype, maybe_jit):
   # Computed in float32, rounded once to the target dtype: round-to-nearest
   # of the float32 result (allow one float32 ulp before the final rounding).
   expected = jnp.asarray(ref).astype(t_dtype)
-  np.testing.assert_allclose(np.asarray(out["w"], np.float32),
-                             np.asarray(expected, np.float32),
-                             rtol=float(jnp.finfo(t_dtype).eps), atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(out["w"], np.float32),
+    np.asarray(expected, np.float32),
+    rtol=float(jnp.finfo(t_dtype).eps),
+    atol=1e-6,
+  )
 
 
 def test_non_float_leaves_come_from_online(maybe_jit):
   Pair = collections.namedtuple("Pair", "w count")
-  target = {"p": Pair(jnp.zeros(2), jnp.array(1, jnp.int32)),
-            "mask": jnp.array([True, False]),
-            "key": jax.random.key(0), "raw_key": jax.random.PRNGKey(0)}
-  online = {"p": Pair(jnp.ones(2), jnp.array(9, jnp.int32)),
-            "mask": jnp.array([False, True]),
-            "key": jax.random.key(1), "raw_key": jax.random.PRNGKey(1)}
+  target = {
+    "p": Pair(jnp.zeros(2), jnp.array(1, jnp.int32)),
+    "mask": jnp.array([True, False]),
+    "key": jax.random.key(0),
+    "raw_key": jax.random.PRNGKey(0),
+  }
+  online = {
+    "p": Pair(jnp.ones(2), jnp.array(9, jnp.int32)),
+    "mask": jnp.array([False, True]),
+    "key": jax.random.key(1),
+    "raw_key": jax.random.PRNGKey(1),
+  }
   out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 0.5)
   assert isinstance(out["p"], Pair)
   np.testing.assert_allclose(out["p"].w, 0.5)
   assert int(out["p"].count) == 9 and out["p"].count.dtype == jnp.int32
   np.testing.assert_array_equal(out["mask"], online["mask"])
-  np.testing.assert_array_equal(jax.random.key_data(out["key"]),
-                                jax.random.key_data(online["key"]))
+  np.testing.assert_array_equal(
+    jax.random.key_data(out["key"]), jax.random.key_data(online["key"])
+  )
   np.testing.assert_array_equal(out["raw_key"], online["raw_key"])
 
 
 def test_non_array_leaves_come_from_online():
-  out = jepa_ema.ema_update({"name": "a", "w": jnp.zeros(1)},
-                            {"name": "b", "w": jnp.ones(1)}, 0, 0.5)
+  out = jepa_ema.ema_update(
+    {"name": "a", "w": jnp.zeros(1)}, {"name": "b", "w": jnp.ones(1)}, 0, 0.5
+  )
   assert out["name"] == "b"
 
 
@@ -125,8 +153,10 @@ def test_traced_momentum_inside_jit():
   @jax.jit
   def f(t, o, m):
     return jepa_ema.ema_update(t, o, 0, m)
-  np.testing.assert_allclose(f(jnp.zeros(2), jnp.ones(2), jnp.float32(0.25)),
-                             0.75)
+
+  np.testing.assert_allclose(
+    f(jnp.zeros(2), jnp.ones(2), jnp.float32(0.25)), 0.75
+  )
 
 
 @pytest.mark.standard_promotion
@@ -185,34 +215,113 @@ def test_make_ema_update_inlines_in_user_jit():
 
 # One row per bad input: (target, online, step, momentum, exception, match).
 BAD_INPUTS = [
-    ("momentum > 1", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, 1.01,
-     ValueError, r"\[0, 1\]"),
-    ("momentum < 0", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, -0.5,
-     ValueError, r"\[0, 1\]"),
-    ("momentum NaN", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0,
-     float("nan"), ValueError, "finite"),
-    ("momentum string", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0, "0.9",
-     TypeError, "schedule"),
-    ("momentum vector", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0,
-     jnp.array([0.9, 0.9]), ValueError, "scalar"),
-    ("schedule out of range", {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, 0,
-     lambda step: 1.5, ValueError, r"returned 1\.5"),
-    ("missing key", {"w": jnp.zeros(2), "b": jnp.zeros(1)},
-     {"w": jnp.ones(2)}, 0, 0.9, ValueError, r"\['b'\]"),
-    ("renamed key", {"enc": {"w": jnp.zeros(2)}}, {"enc": {"v": jnp.ones(2)}},
-     0, 0.9, ValueError, r"\['enc'\]\['w'\].*\['enc'\]\['v'\]"),
-    ("list length", [jnp.zeros(2)], [jnp.zeros(2), jnp.zeros(2)], 0, 0.9,
-     ValueError, r"no more leaves.*\[1\]"),
-    ("shape", {"enc": {"w": jnp.zeros((2, 3))}}, {"enc": {"w": jnp.ones((3, 2))}},
-     0, 0.9, ValueError, r"\['enc'\]\['w'\].*\(2, 3\).*\(3, 2\)"),
-    ("rank", {"w": jnp.zeros(3)}, {"w": jnp.ones((1, 3))}, 0, 0.9,
-     ValueError, r"\['w'\].*\(3,\).*\(1, 3\)"),
+  (
+    "momentum > 1",
+    {"w": jnp.zeros(2)},
+    {"w": jnp.ones(2)},
+    0,
+    1.01,
+    ValueError,
+    r"\[0, 1\]",
+  ),
+  (
+    "momentum < 0",
+    {"w": jnp.zeros(2)},
+    {"w": jnp.ones(2)},
+    0,
+    -0.5,
+    ValueError,
+    r"\[0, 1\]",
+  ),
+  (
+    "momentum NaN",
+    {"w": jnp.zeros(2)},
+    {"w": jnp.ones(2)},
+    0,
+    float("nan"),
+    ValueError,
+    "finite",
+  ),
+  (
+    "momentum string",
+    {"w": jnp.zeros(2)},
+    {"w": jnp.ones(2)},
+    0,
+    "0.9",
+    TypeError,
+    "schedule",
+  ),
+  (
+    "momentum vector",
+    {"w": jnp.zeros(2)},
+    {"w": jnp.ones(2)},
+    0,
+    jnp.array([0.9, 0.9]),
+    ValueError,
+    "scalar",
+  ),
+  (
+    "schedule out of range",
+    {"w": jnp.zeros(2)},
+    {"w": jnp.ones(2)},
+    0,
+    lambda step: 1.5,
+    ValueError,
+    r"returned 1\.5",
+  ),
+  (
+    "missing key",
+    {"w": jnp.zeros(2), "b": jnp.zeros(1)},
+    {"w": jnp.ones(2)},
+    0,
+    0.9,
+    ValueError,
+    r"\['b'\]",
+  ),
+  (
+    "renamed key",
+    {"enc": {"w": jnp.zeros(2)}},
+    {"enc": {"v": jnp.ones(2)}},
+    0,
+    0.9,
+    ValueError,
+    r"\['enc'\]\['w'\].*\['enc'\]\['v'\]",
+  ),
+  (
+    "list length",
+    [jnp.zeros(2)],
+    [jnp.zeros(2), jnp.zeros(2)],
+    0,
+    0.9,
+    ValueError,
+    r"no more leaves.*\[1\]",
+  ),
+  (
+    "shape",
+    {"enc": {"w": jnp.zeros((2, 3))}},
+    {"enc": {"w": jnp.ones((3, 2))}},
+    0,
+    0.9,
+    ValueError,
+    r"\['enc'\]\['w'\].*\(2, 3\).*\(3, 2\)",
+  ),
+  (
+    "rank",
+    {"w": jnp.zeros(3)},
+    {"w": jnp.ones((1, 3))},
+    0,
+    0.9,
+    ValueError,
+    r"\['w'\].*\(3,\).*\(1, 3\)",
+  ),
 ]
 
 
 @pytest.mark.parametrize(
-    "target,online,step,momentum,exc,match",
-    [row[1:] for row in BAD_INPUTS], ids=[row[0] for row in BAD_INPUTS])
+  "target,online,step,momentum,exc,match",
+  [row[1:] for row in BAD_INPUTS],
+  ids=[row[0] for row in BAD_INPUTS],
+)
 def test_bad_inputs(target, online, step, momentum, exc, match):
   with pytest.raises(exc, match=match):
     jepa_ema.ema_update(target, online, step, momentum)
@@ -226,19 +335,21 @@ def test_bad_momentum_at_make_time():
 def test_mismatch_is_reported_under_jit():
   with pytest.raises(ValueError, match="shape"):
     jax.jit(jepa_ema.ema_update, static_argnums=3)(
-        {"w": jnp.zeros(2)}, {"w": jnp.zeros(3)}, 0, 0.5)
+      {"w": jnp.zeros(2)}, {"w": jnp.zeros(3)}, 0, 0.5
+    )
 
 
 # Any finite float32, huge ones included (o - t may overflow); XLA on CPU
 # flushes subnormals to zero, so those are left out.
-finite32 = st.floats(allow_nan=False, allow_infinity=False, width=32,
-                     allow_subnormal=False)
+finite32 = st.floats(
+  allow_nan=False, allow_infinity=False, width=32, allow_subnormal=False
+)
 
 
 @given(
-    t=hnp.arrays(np.float32, st.integers(1, 64), elements=finite32),
-    data=st.data(),
-    m=st.floats(0.0, 1.0),
+  t=hnp.arrays(np.float32, st.integers(1, 64), elements=finite32),
+  data=st.data(),
+  m=st.floats(0.0, 1.0),
 )
 def test_property_output_between_target_and_online(t, data, m):
   o = data.draw(hnp.arrays(np.float32, t.shape, elements=finite32))
@@ -247,10 +358,12 @@ def test_property_output_between_target_and_online(t, data, m):
 
 
 @given(
-    t=hnp.arrays(np.float32, st.integers(1, 32),
-                 elements=st.floats(-100, 100, width=32,
-                                    allow_subnormal=False)),
-    m=st.floats(0.0, 1.0),
+  t=hnp.arrays(
+    np.float32,
+    st.integers(1, 32),
+    elements=st.floats(-100, 100, width=32, allow_subnormal=False),
+  ),
+  m=st.floats(0.0, 1.0),
 )
 def test_property_fixed_point(t, m):
   """A target equal to online never moves (no drift by rounding)."""
@@ -259,9 +372,9 @@ def test_property_fixed_point(t, m):
 
 
 def _flax_and_equinox_trees():
-  from flax import nnx
   import equinox as eqx
   import flax.linen as nn
+  from flax import nnx
 
   nnx_state_a = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.Param)
   nnx_state_b = nnx.state(nnx.Linear(3, 4, rngs=nnx.Rngs(1)), nnx.Param)
@@ -272,8 +385,11 @@ def _flax_and_equinox_trees():
   mlp_b = eqx.nn.MLP(3, 2, 8, 1, key=jax.random.key(1))
   eqx_a = eqx.filter(mlp_a, eqx.is_inexact_array)
   eqx_b = eqx.filter(mlp_b, eqx.is_inexact_array)
-  return [("nnx.State", nnx_state_a, nnx_state_b),
-          ("linen", lin_a, lin_b), ("equinox", eqx_a, eqx_b)]
+  return [
+    ("nnx.State", nnx_state_a, nnx_state_b),
+    ("linen", lin_a, lin_b),
+    ("equinox", eqx_a, eqx_b),
+  ]
 
 
 @pytest.mark.standard_promotion

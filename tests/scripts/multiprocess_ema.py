@@ -9,13 +9,17 @@ import jax
 
 process_id, port = int(sys.argv[1]), int(sys.argv[2])
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}",
-                           num_processes=2, process_id=process_id,
-                           initialization_timeout=60)
+jax.distributed.initialize(
+  coordinator_address=f"127.0.0.1:{port}",
+  num_processes=2,
+  process_id=process_id,
+  initialization_timeout=60,
+)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P
 
 import jepa_ema  # noqa: E402
 
@@ -35,28 +39,38 @@ def global_tree(seed):
   for i, (k, shape) in enumerate(shapes.items()):
     values = full(seed * 10 + i, shape)
     out[k] = jax.make_array_from_callback(
-        shape, NamedSharding(mesh, specs[k]), lambda idx, v=values: v[idx])
+      shape, NamedSharding(mesh, specs[k]), lambda idx, v=values: v[idx]
+    )
   return out
 
 
 params, online = global_tree(0), global_tree(1)
 ema = jepa_ema.ema(jepa_ema.cosine_momentum(0.9, 1.0, total_steps=10))
 state = jax.jit(ema.init, out_shardings=jepa_ema.state_shardings(params))(
-    params)
+  params
+)
 update = jax.jit(ema.update, donate_argnums=1)
 hlo = update.lower(online, state).compile().as_text()
-collectives = sorted(set(re.findall(
-    r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-    r"(?:-start)?\(", hlo)))
+collectives = sorted(
+  set(
+    re.findall(
+      r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+      r"(?:-start)?\(",
+      hlo,
+    )
+  )
+)
 for _ in range(3):
   state = update(online, state)
 
 # The same three jitted steps on one device of this process, unsharded.
 ref_update = jax.jit(ema.update)
-ref_state = ema.init({k: jnp.asarray(full(i, s)) for i, (k, s) in
-                      enumerate(shapes.items())})
-ref_online = {k: jnp.asarray(full(10 + i, s)) for i, (k, s) in
-              enumerate(shapes.items())}
+ref_state = ema.init(
+  {k: jnp.asarray(full(i, s)) for i, (k, s) in enumerate(shapes.items())}
+)
+ref_online = {
+  k: jnp.asarray(full(10 + i, s)) for i, (k, s) in enumerate(shapes.items())
+}
 for _ in range(3):
   ref_state = ref_update(ref_online, ref_state)
 
@@ -69,10 +83,20 @@ for k in shapes:
     got = np.asarray(shard.data)
     identical &= bool(np.array_equal(got, ref[shard.index]))
     max_err = max(max_err, float(np.max(np.abs(got - ref[shard.index]))))
-print("RESULT " + json.dumps({
-    "process": process_id, "collectives": collectives,
-    "identical": identical, "max_err": max_err, "shardings_kept": bool(kept),
-    "step": int(np.asarray(state.step.addressable_shards[0].data)),
-    "local_shards": sum(len(state.target[k].addressable_shards)
-                        for k in shapes)}))
+print(
+  "RESULT "
+  + json.dumps(
+    {
+      "process": process_id,
+      "collectives": collectives,
+      "identical": identical,
+      "max_err": max_err,
+      "shardings_kept": bool(kept),
+      "step": int(np.asarray(state.step.addressable_shards[0].data)),
+      "local_shards": sum(
+        len(state.target[k].addressable_shards) for k in shapes
+      ),
+    }
+  )
+)
 jax.distributed.shutdown()

@@ -6,23 +6,27 @@ import re
 import warnings
 
 assert "xla_force_host_platform_device_count=8" in os.environ.get(
-    "XLA_FLAGS", ""), "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
+  "XLA_FLAGS", ""
+), "run with XLA_FLAGS=--xla_force_host_platform_device_count=8"
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jepa_ema
 
 COLLECTIVES = re.compile(
-    r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
-    r"(-start)?\(")
+  r"\b(all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+  r"(-start)?\("
+)
 
 
 def collectives(compiled) -> list[str]:
-  return sorted(set(m.group(1) for m in COLLECTIVES.finditer(
-      compiled.as_text())))
+  return sorted(
+    set(m.group(1) for m in COLLECTIVES.finditer(compiled.as_text()))
+  )
 
 
 def same(a, b) -> bool:
@@ -30,16 +34,36 @@ def same(a, b) -> bool:
 
 
 import sys
+
 AXES = sys.argv[1] if len(sys.argv) > 1 else "auto"
-mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(
-    (AxisType.Auto,) * 2 if AXES == "auto" else (AxisType.Explicit,) * 2))
-specs = {"qkv": P("data", "model"), "proj": P("model", "data"),
-         "bias": P("model"), "norm": P(), "emb": P(None, "data")}
-shapes = {"qkv": (64, 32), "proj": (32, 64), "bias": (32,), "norm": (16,),
-          "emb": (8, 64)}
-params = {k: jax.device_put(
+mesh = jax.make_mesh(
+  (4, 2),
+  ("data", "model"),
+  axis_types=(
+    (AxisType.Auto,) * 2 if AXES == "auto" else (AxisType.Explicit,) * 2
+  ),
+)
+specs = {
+  "qkv": P("data", "model"),
+  "proj": P("model", "data"),
+  "bias": P("model"),
+  "norm": P(),
+  "emb": P(None, "data"),
+}
+shapes = {
+  "qkv": (64, 32),
+  "proj": (32, 64),
+  "bias": (32,),
+  "norm": (16,),
+  "emb": (8, 64),
+}
+params = {
+  k: jax.device_put(
     jax.random.normal(jax.random.key(i), shapes[k]),
-    NamedSharding(mesh, specs[k])) for i, k in enumerate(shapes)}
+    NamedSharding(mesh, specs[k]),
+  )
+  for i, k in enumerate(shapes)
+}
 online = jax.tree.map(lambda x: x + 1.0, params)
 out = {"devices": len(jax.devices())}
 
@@ -48,15 +72,19 @@ ema = jepa_ema.ema(jepa_ema.cosine_momentum(total_steps=100))
 # the params.
 s_eager = ema.init(params)
 s_jit = jax.jit(ema.init)(params)
-out["init_eager_keeps"] = all(same(s_eager.target[k], params[k]) for k in params)
+out["init_eager_keeps"] = all(
+  same(s_eager.target[k], params[k]) for k in params
+)
 out["init_jit_keeps"] = all(same(s_jit.target[k], params[k]) for k in params)
 shardings = jepa_ema.state_shardings(params)
 s_out = jax.jit(ema.init, out_shardings=shardings)(params)
 out["init_out_shardings_keeps"] = all(
-    same(s_out.target[k], params[k]) for k in params)
-out["state_shardings_match"] = all(
-    shardings.target[k] == params[k].sharding for k in params) and \
-    shardings.step.spec == P()
+  same(s_out.target[k], params[k]) for k in params
+)
+out["state_shardings_match"] = (
+  all(shardings.target[k] == params[k].sharding for k in params)
+  and shardings.step.spec == P()
+)
 
 # update: shardings kept, no collectives in the compiled program.
 update = ema.jit()
@@ -64,12 +92,18 @@ compiled = jax.jit(ema.update, donate_argnums=1).lower(online, s_jit).compile()
 out["update_collectives"] = collectives(compiled)
 new = update(online, s_jit)
 out["update_keeps"] = all(same(new.target[k], params[k]) for k in params)
-out["update_values_ok"] = bool(all(
-    jnp.allclose(new.target[k], 0.996 * params[k] + 0.004 * online[k],
-                 atol=1e-6) for k in params))
+out["update_values_ok"] = bool(
+  all(
+    jnp.allclose(
+      new.target[k], 0.996 * params[k] + 0.004 * online[k], atol=1e-6
+    )
+    for k in params
+  )
+)
 fn = jepa_ema.make_ema_update(0.9)
 out["make_ema_update_collectives"] = collectives(
-    fn.lower(dict(params), online, 0).compile())
+  fn.lower(dict(params), online, 0).compile()
+)
 t2 = fn(jax.tree.map(jnp.copy, params), online, 0)
 out["make_ema_update_keeps"] = all(same(t2[k], params[k]) for k in params)
 
@@ -77,21 +111,36 @@ out["make_ema_update_keeps"] = all(same(t2[k], params[k]) for k in params)
 skipper = jepa_ema.ema(0.9, skip_nonfinite=True)
 s_skip = skipper.init(params)
 out["skip_nonfinite_collectives"] = collectives(
-    jax.jit(skipper.update).lower(online, s_skip).compile())
+  jax.jit(skipper.update).lower(online, s_skip).compile()
+)
 
 # The options of ema(): every=k, several momenta, drift, stochastic bf16.
 bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
 bf16_online = jax.tree.map(lambda x: x.astype(jnp.bfloat16), online)
 OPTIONS = {
-    "every": (jepa_ema.ema(jepa_ema.cosine_momentum(total_steps=50),
-                           every=4), params, online),
-    "several": (jepa_ema.ema((0.9, 0.99, 0.999)), params, online),
-    "drift": (jepa_ema.ema(0.9, drift=True), params, online),
-    "stochastic": (jepa_ema.ema(0.999, rounding="stochastic", key=7),
-                   bf16_params, bf16_online),
-    "all": (jepa_ema.ema((0.9, 0.99), every=2, drift=True,
-                         dtype=jnp.bfloat16, rounding="stochastic"),
-            params, online),
+  "every": (
+    jepa_ema.ema(jepa_ema.cosine_momentum(total_steps=50), every=4),
+    params,
+    online,
+  ),
+  "several": (jepa_ema.ema((0.9, 0.99, 0.999)), params, online),
+  "drift": (jepa_ema.ema(0.9, drift=True), params, online),
+  "stochastic": (
+    jepa_ema.ema(0.999, rounding="stochastic", key=7),
+    bf16_params,
+    bf16_online,
+  ),
+  "all": (
+    jepa_ema.ema(
+      (0.9, 0.99),
+      every=2,
+      drift=True,
+      dtype=jnp.bfloat16,
+      rounding="stochastic",
+    ),
+    params,
+    online,
+  ),
 }
 for name, (opt_ema, p0, o0) in OPTIONS.items():
   # The documented way: the state's structure from eval_shape, its
@@ -100,17 +149,19 @@ for name, (opt_ema, p0, o0) in OPTIONS.items():
   s0 = jax.jit(opt_ema.init, out_shardings=shard)(p0)
   states = (s0,) if isinstance(s0, jepa_ema.EmaState) else s0
   out[f"{name}_state_shardings_match"] = all(
-      sh.target[k] == p0[k].sharding
-      for sh in ((shard,) if isinstance(shard, jepa_ema.EmaState) else shard)
-      for k in p0)
+    sh.target[k] == p0[k].sharding
+    for sh in ((shard,) if isinstance(shard, jepa_ema.EmaState) else shard)
+    for k in p0
+  )
   upd = jax.jit(opt_ema.update, donate_argnums=1)
   out[f"{name}_collectives"] = collectives(upd.lower(o0, s0).compile())
   s1 = s0
   for _ in range(4):
     s1 = upd(o0, s1)
   s1s = (s1,) if isinstance(s1, jepa_ema.EmaState) else s1
-  out[f"{name}_keeps"] = all(same(st.target[k], p0[k]) for st in s1s
-                             for k in p0)
+  out[f"{name}_keeps"] = all(
+    same(st.target[k], p0[k]) for st in s1s for k in p0
+  )
   if name not in ("stochastic", "all"):
     continue
   # The same computation on one device gives the same bits (the rounding
@@ -122,15 +173,18 @@ for name, (opt_ema, p0, o0) in OPTIONS.items():
   for _ in range(4):
     r = jax.jit(opt_ema.update)(o1, r)
   # (drift: float sums, reduced in another order: equal to rounding)
-  no_drift = lambda t: jax.tree.map(lambda st: st._replace(drift=None), t,
-                                    is_leaf=lambda x: isinstance(
-                                        x, jepa_ema.EmaState))
+  no_drift = lambda t: jax.tree.map(
+    lambda st: st._replace(drift=None),
+    t,
+    is_leaf=lambda x: isinstance(x, jepa_ema.EmaState),
+  )
   out[f"{name}_equals_single_device"] = all(
-      bool(jnp.array_equal(jax.device_get(a), jax.device_get(b)))
-      for a, b in zip(jax.tree.leaves(no_drift(s1)),
-                      jax.tree.leaves(no_drift(r)))) and all(
-      bool(jnp.allclose(jax.device_get(a), jax.device_get(b), rtol=1e-5))
-      for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(r)))
+    bool(jnp.array_equal(jax.device_get(a), jax.device_get(b)))
+    for a, b in zip(jax.tree.leaves(no_drift(s1)), jax.tree.leaves(no_drift(r)))
+  ) and all(
+    bool(jnp.allclose(jax.device_get(a), jax.device_get(b), rtol=1e-5))
+    for a, b in zip(jax.tree.leaves(s1), jax.tree.leaves(r))
+  )
 
 # track_ema in an optax chain, whole train step.
 tx = optax.chain(optax.adam(1e-3), jepa_ema.track_ema(0.99))
@@ -145,16 +199,24 @@ def train(params, opt_state):
 
 tstep = jax.jit(train, donate_argnums=(0, 1))
 out["track_ema_collectives"] = collectives(
-    tstep.lower(params, opt_state).compile())
+  tstep.lower(params, opt_state).compile()
+)
 p2, o2 = tstep(jax.tree.map(jnp.copy, params), opt_state)
 target = jepa_ema.get_target(o2)
 out["track_ema_keeps"] = all(same(target[k], params[k]) for k in params)
 
 # A mismatch: the same values laid out differently.
-other_specs = {"qkv": P("model", "data"), "proj": P("data", "model"),
-               "bias": P("data"), "norm": P("data"), "emb": P("data", None)}
-other = {k: jax.device_put(v, NamedSharding(mesh, other_specs[k]))
-         for k, v in online.items()}
+other_specs = {
+  "qkv": P("model", "data"),
+  "proj": P("data", "model"),
+  "bias": P("data"),
+  "norm": P("data"),
+  "emb": P("data", None),
+}
+other = {
+  k: jax.device_put(v, NamedSharding(mesh, other_specs[k]))
+  for k, v in online.items()
+}
 if AXES == "auto":
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
@@ -162,15 +224,20 @@ if AXES == "auto":
     fn2 = jepa_ema.make_ema_update(0.9, donate=False)
     fn2(params, other, 0)
   out["mismatch_warnings"] = [
-      str(w.message) for w in caught
-      if issubclass(w.category, jepa_ema.ShardingMismatchWarning)]
+    str(w.message)
+    for w in caught
+    if issubclass(w.category, jepa_ema.ShardingMismatchWarning)
+  ]
   out["mismatch_collectives"] = collectives(
-      fn2.lower(params, other, 0).compile())
+    fn2.lower(params, other, 0).compile()
+  )
 else:  # explicit axes: a clear error, eagerly and under jit
   errors = []
-  for call in (lambda: jepa_ema.ema_update(params, other, 0, 0.9),
-               lambda: jax.jit(ema.update)(other, s_jit),
-               lambda: jepa_ema.make_ema_update(0.9)(dict(params), other, 0)):
+  for call in (
+    lambda: jepa_ema.ema_update(params, other, 0, 0.9),
+    lambda: jax.jit(ema.update)(other, s_jit),
+    lambda: jepa_ema.make_ema_update(0.9)(dict(params), other, 0),
+  ):
     try:
       call()
       errors.append(None)
