@@ -177,6 +177,11 @@ def plot(result: dict, path: pathlib.Path) -> None:
     title="parameter-space error vs ground truth",
   )
   ax[2].legend(fontsize=7)
+  for a in ax:
+    ticks = [v for v in GRID if v >= (0.03 if a is ax[2] else 0.02)]
+    a.set_xticks(ticks)
+    a.set_xticklabels([f"{v:g}" for v in ticks])
+    a.minorticks_off()
   fig.suptitle(
     f"post-hoc EMA (EDM2) on the digits I-JEPA: snapshots of "
     f"sigma_rel {SNAPSHOT_SIGMAS} every {result['every']} steps, "
