@@ -327,13 +327,14 @@ def build(cfg: Config) -> Model:
     else None
   )
 
-  def ema_of(momenta: jax.Array) -> jepa_ema.EmaTransformation:
+  def table_schedule(momenta: jax.Array) -> jepa_ema.Schedule:
     # Any callable step -> momentum is a schedule: here a lookup in the
     # run's table, so the table can be a traced argument (one compilation).
     last = momenta.shape[0] - 1
-    return jepa_ema.ema(
-      lambda step: momenta[jnp.minimum(step, last)], drift=True
-    )
+    return lambda step: momenta[jnp.minimum(step, last)]
+
+  def ema_of(momenta: jax.Array) -> jepa_ema.EmaTransformation:
+    return jepa_ema.ema(table_schedule(momenta), drift=True)
 
   @jax.jit
   def init_state(seed: jax.typing.ArrayLike) -> TrainState:
@@ -406,7 +407,7 @@ def build(cfg: Config) -> Model:
       "loss": state.curves["loss"].at[at].set(loss),
       "momentum": state.curves["momentum"]
       .at[at]
-      .set(momenta[jnp.minimum(state.ema.step, momenta.shape[0] - 1)]),
+      .set(table_schedule(momenta)(state.ema.step)),
       "drift": state.curves["drift"].at[at].set(new_ema.drift["global"]),
     }
     tracked = (
