@@ -6,6 +6,12 @@ Tests that drive optax / flax internals, which rely on standard promotion,
 are marked ``@pytest.mark.standard_promotion``.
 """
 
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import pytest
 from hypothesis import settings
@@ -26,6 +32,35 @@ def _dtype_promotion(request):
     return
   with jax.numpy_dtype_promotion("strict"):
     yield
+
+
+SCRIPTS = pathlib.Path(__file__).parent / "scripts"
+
+
+@pytest.fixture(scope="session")
+def on_eight_devices():
+  """``run(script_name, *args) -> dict``: runs ``tests/scripts/<script_name>``
+  with 8 simulated CPU devices and returns the JSON of its last ``RESULT``
+  line (the device count is fixed when jax starts, hence the subprocess)."""
+
+  def run(name: str, *args: str) -> dict:
+    env = {
+      **os.environ,
+      "JAX_PLATFORMS": "cpu",
+      "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    }
+    proc = subprocess.run(
+      [sys.executable, str(SCRIPTS / name), *args],
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+  return run
 
 
 @pytest.fixture(params=[False, True], ids=["eager", "jit"])

@@ -217,23 +217,8 @@ def test_reconstruct_dtypes_and_structure_errors():
     jepa_ema.posthoc_reconstruct([{"w": jnp.ones(3)}], sigma_rel=0.07)
 
 
-def test_reconstruct_keeps_shardings_on_eight_devices():
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-  }
-  script = pathlib.Path(__file__).parent / "scripts" / "sharded_posthoc.py"
-  proc = subprocess.run(
-    [sys.executable, str(script)],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT ") :])
+def test_reconstruct_keeps_shardings_on_eight_devices(on_eight_devices):
+  result = on_eight_devices("sharded_posthoc.py")
   assert result == {
     "devices": 8,
     "keeps": True,

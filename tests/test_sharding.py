@@ -2,36 +2,14 @@
 inherits each parameter's NamedSharding, the update compiles to a program
 with no collectives, and a layout mismatch is reported."""
 
-import json
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
-
-SCRIPT = pathlib.Path(__file__).parent / "scripts" / "sharded_ema.py"
 
 
 @pytest.fixture(scope="module", params=["auto", "explicit"])
-def result(request):
+def result(request, on_eight_devices):
   """Mesh axes of both kinds: Auto (XLA picks layouts) and Explicit (layouts
   in the types; ``jax.make_mesh``'s default in recent JAX)."""
-  env = {
-    **os.environ,
-    "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-  }
-  proc = subprocess.run(
-    [sys.executable, str(SCRIPT), request.param],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT ") :])
+  return on_eight_devices("sharded_ema.py", request.param)
 
 
 def test_eight_devices(result):
