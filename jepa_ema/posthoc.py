@@ -155,11 +155,11 @@ def posthoc_coefficients(
   gammas = np.array([_schedules.sigma_rel_to_gamma(float(v)) for v in s])
   gamma = _schedules.sigma_rel_to_gamma(sigma_rel)
   last = float(t.max())
-  out_t = last if step is None else float(step)
   if not (
     isinstance(step, (int, np.integer, float)) or step is None
   ) or isinstance(step, bool):
     raise TypeError(f"`step` must be an int, got {step!r}.")
+  out_t = last if step is None else float(step)
   if not 1 <= out_t <= last:
     raise ValueError(
       f"`step` must be in [1, {last:g}] (the saved steps; a "

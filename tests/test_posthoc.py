@@ -117,6 +117,7 @@ def test_identical_snapshots_share_the_weight():
     (([10], [0.1]), dict(sigma_rel=0.1, step=11), ValueError, "beyond"),
     (([10], [0.1]), dict(sigma_rel=0.1, step=0), ValueError, "step"),
     ((["a"], [0.1]), dict(sigma_rel=0.1), TypeError, "steps"),
+    (([10], [0.1]), dict(sigma_rel=0.1, step="five"), TypeError, "step"),
   ],
 )
 def test_coefficients_bad_inputs(args, kwargs, exc, match):
