@@ -45,6 +45,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import ema_bench  # noqa: E402  (the ViT tree shapes)
+
 # (width, depth, mlp width, patch) of the ViTs at 224 px (timm layout).
 TREES = {
   "vit_b16": (768, 12, 3072, 16),
@@ -63,35 +66,8 @@ def log(msg: str) -> None:
 
 
 def shapes(spec: tuple[int, int, int, int]) -> dict[str, tuple[int, ...]]:
-  width, depth, mlp, patch = spec
-  tokens = (224 // patch) ** 2 + 1
-  out = {
-    "patch/kernel": (patch * patch * 3, width),
-    "patch/bias": (width,),
-    "cls": (1, 1, width),
-    "pos": (1, tokens, width),
-    "norm/scale": (width,),
-    "norm/bias": (width,),
-  }
-  for b in range(depth):
-    p = f"block{b:02d}/"
-    out.update(
-      {
-        p + "ln1/scale": (width,),
-        p + "ln1/bias": (width,),
-        p + "qkv/kernel": (width, 3 * width),
-        p + "qkv/bias": (3 * width,),
-        p + "proj/kernel": (width, width),
-        p + "proj/bias": (width,),
-        p + "ln2/scale": (width,),
-        p + "ln2/bias": (width,),
-        p + "fc1/kernel": (width, mlp),
-        p + "fc1/bias": (mlp,),
-        p + "fc2/kernel": (mlp, width),
-        p + "fc2/bias": (width,),
-      }
-    )
-  return out
+  """Leaf shapes of the ViT ``(width, depth, mlp width, patch)``."""
+  return ema_bench.vit_shapes(*spec)
 
 
 def n_params(sh: dict[str, tuple[int, ...]]) -> int:

@@ -60,12 +60,21 @@ def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
   """Leaf shapes of a ViT/16 at 224 px (timm layout), or 1000 small leaves."""
   if name == "small1000":
     return {f"leaf{i:04d}": (1024,) for i in range(1000)}
-  width, depth = VITS[name]
+  return vit_shapes(*VITS[name])
+
+
+def vit_shapes(
+  width: int, depth: int, mlp: int | None = None, patch: int = 16
+) -> dict[str, tuple[int, ...]]:
+  """Leaf shapes of a ViT at 224 px (timm layout); ``mlp`` defaults to
+  ``4 * width``."""
+  mlp = 4 * width if mlp is None else mlp
+  tokens = (224 // patch) ** 2 + 1
   shapes = {
-    "patch_embed/kernel": (16 * 16 * 3, width),
+    "patch_embed/kernel": (patch * patch * 3, width),
     "patch_embed/bias": (width,),
     "cls_token": (1, 1, width),
-    "pos_embed": (1, 197, width),
+    "pos_embed": (1, tokens, width),
     "norm/scale": (width,),
     "norm/bias": (width,),
   }
@@ -81,9 +90,9 @@ def tree_shapes(name: str) -> dict[str, tuple[int, ...]]:
         p + "attn/proj/bias": (width,),
         p + "norm2/scale": (width,),
         p + "norm2/bias": (width,),
-        p + "mlp/fc1/kernel": (width, 4 * width),
-        p + "mlp/fc1/bias": (4 * width,),
-        p + "mlp/fc2/kernel": (4 * width, width),
+        p + "mlp/fc1/kernel": (width, mlp),
+        p + "mlp/fc1/bias": (mlp,),
+        p + "mlp/fc2/kernel": (mlp, width),
         p + "mlp/fc2/bias": (width,),
       }
     )
