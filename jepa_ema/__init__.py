@@ -27,6 +27,7 @@ from jepa_ema.schedules import (
 from jepa_ema.transform import (
   EmaState,
   EmaTransformation,
+  PrecisionWarning,
   ema,
   get_target,
   state_shardings,
@@ -34,7 +35,7 @@ from jepa_ema.transform import (
 )
 from jepa_ema.update import ShardingMismatchWarning, ema_update, make_ema_update
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
   "Schedule",
@@ -60,4 +61,5 @@ __all__ = [
   "track_ema",
   "get_target",
   "state_shardings",
+  "PrecisionWarning",
 ]

@@ -76,9 +76,7 @@ def relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
   for (path, t), o in zip(t_leaves, o_leaves):
     if not _kernel.is_float_leaf(t):
       continue
-    t32 = jnp.asarray(t).astype(jnp.float32)
-    o32 = jnp.asarray(o).astype(jnp.float32)
-    d, n = jnp.sum(jnp.square(t32 - o32)), jnp.sum(jnp.square(o32))
+    d, n = _sum_sq(jnp.asarray(t), jnp.asarray(o)), _sum_sq(jnp.asarray(o))
     acc = sums.setdefault(module_name(path), [jnp.float32(0), jnp.float32(0)])
     acc[0], acc[1] = acc[0] + d, acc[1] + n
 
@@ -94,6 +92,16 @@ def relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
     "global": ratio(total_d, total_n),
     "per_module": {name: ratio(*sums[name]) for name in drift_modules(target)},
   }
+
+
+def _sum_sq(x: jax.Array, y: jax.Array | None = None) -> jax.Array:
+  """``sum(|x - y|**2)`` (``sum(|x|**2)`` without ``y``) in float32; complex
+  leaves count both parts."""
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):
+    z = x.astype(jnp.complex64) - (0 if y is None else y.astype(jnp.complex64))
+    return jnp.sum(jnp.square(z.real) + jnp.square(z.imag))
+  z = x.astype(jnp.float32) - (0 if y is None else y.astype(jnp.float32))
+  return jnp.sum(jnp.square(z))
 
 
 def zero_drift(params: PyTree) -> dict[str, Any]:

@@ -32,12 +32,16 @@ def check_every(every: Any) -> int:
 
 def window_momentum(
   schedule: _schedules.Schedule, step: jax.Array, every: int
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
   """``prod(schedule(s))`` over the ``every`` steps that end at ``step``.
 
   Computed as ``exp(sum(log1p(-(1 - m_s))))``: ``1 - m_s`` is exact in float32
   for ``m_s >= 1/2`` and log1p keeps the small step sizes accurate, so the
   effective momentum is within one float32 rounding of the exact product.
+  Traced momenta get their defined values first
+  (:func:`jepa_ema._kernel.sanitize_momentum`: a non-finite one counts as 1,
+  exactly what the per-step EMA would do on that step). Returns the product
+  and whether every momentum of the window was finite.
   """
   if every == 1:
     return _kernel.resolve_momentum(schedule, step)
@@ -57,4 +61,8 @@ def window_momentum(
         f"steps {np.asarray(steps)}; a momentum must lie in "
         "[0, 1]."
       )
-  return jnp.exp(jnp.sum(jnp.log1p(-(1.0 - ms)))).astype(jnp.float32)
+    finite = jnp.array(True)
+  else:
+    ms, finites = _kernel.sanitize_momentum(ms, step)
+    finite = jnp.all(finites)
+  return jnp.exp(jnp.sum(jnp.log1p(-(1.0 - ms)))).astype(jnp.float32), finite

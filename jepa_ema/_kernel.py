@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import checkify
 
 from jepa_ema import schedules as _schedules
 
@@ -26,10 +27,14 @@ __all__ = [
   "short",
   "is_array_like",
   "is_float_leaf",
+  "leaf_dtype",
   "check_trees",
   "explicit_spec",
   "check_shardings",
   "resolve_momentum",
+  "sanitize_momentum",
+  "HALF_DTYPES",
+  "Rounder",
   "blend_leaf",
   "blend_tree",
 ]
@@ -63,16 +68,75 @@ def is_array_like(x: Any) -> bool:
   ) and not isinstance(x, bool)
 
 
+def leaf_dtype(x: Any) -> np.dtype:
+  """The dtype JAX gives the array-like leaf ``x`` (canonical: float64 is
+  float32 unless x64 is enabled; a Python float is float32)."""
+  if hasattr(x, "dtype"):
+    if jnp.issubdtype(x.dtype, jax.dtypes.extended):  # PRNG keys
+      return x.dtype
+    return jax.dtypes.canonicalize_dtype(x.dtype)
+  return jnp.result_type(x)
+
+
 def is_float_leaf(x: Any) -> bool:
-  """Floating (real or complex-free) array-like leaves are blended."""
+  """The leaves that are blended: real and complex floating array-likes.
+
+  The lerp is as valid for complex numbers as for real ones (it acts on the
+  real and imaginary parts alike). Every other leaf (integers, bools, PRNG
+  keys, non-array objects) is taken from ``online``.
+  """
   if not is_array_like(x):
     return False
-  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
-  return jnp.issubdtype(dtype, jnp.floating)
+  return jnp.issubdtype(leaf_dtype(x), jnp.inexact)
+
+
+def _check_dtypes(path: Any, t: Any, o: Any) -> None:
+  """The dtype rule: the result keeps the target's dtype, never silently.
+
+  A blended target leaf needs a numeric online leaf it can be cast to without
+  losing a part: real floating or integer for a real target, also complex for
+  a complex target. A target leaf that is not blended (integer, bool, PRNG
+  key) is replaced by the online leaf, which must then have the same dtype.
+  """
+  if not is_array_like(t):
+    return  # a non-array object: taken from online as it is
+  where = jax.tree_util.keystr(path) or "<root>"
+  o_dtype = leaf_dtype(o) if is_array_like(o) else None
+  t_dtype = leaf_dtype(t)
+  if is_float_leaf(t):
+    ok = o_dtype is not None and (
+      jnp.issubdtype(o_dtype, jnp.floating)
+      or jnp.issubdtype(o_dtype, jnp.integer)
+      or (
+        jnp.issubdtype(o_dtype, jnp.complexfloating)
+        and jnp.issubdtype(t_dtype, jnp.complexfloating)
+      )
+    )
+    if not ok:
+      got = f"dtype {o_dtype}" if o_dtype is not None else type(o).__name__
+      raise TypeError(
+        f"cannot blend the online leaf at {where} into the target: the "
+        f"target has dtype {t_dtype}, online has {got}. A floating target "
+        "leaf takes real floating or integer online values (complex ones too "
+        "if the target is complex); they are cast to the target's dtype."
+      )
+    return
+  if o_dtype != t_dtype:
+    raise TypeError(
+      f"the leaf at {where} is not floating (target dtype {t_dtype}), so "
+      f"the new target takes the online leaf, but online has "
+      f"{f'dtype {o_dtype}' if o_dtype is not None else type(o).__name__}: "
+      "the result would change the target's dtype. Give both the same dtype "
+      "(e.g. build the target from the params with ema().init)."
+    )
 
 
 def check_trees(target: PyTree, online: PyTree) -> None:
-  """Raises ValueError naming the first key path where the trees differ."""
+  """Raises naming the first key path where the trees differ.
+
+  ValueError for a different structure or leaf shape; TypeError for leaf
+  dtypes the result could not keep (see :func:`_check_dtypes`).
+  """
   t_def: Any = jax.tree.structure(target)
   o_def: Any = jax.tree.structure(online)
   t_leaves, _ = jax.tree_util.tree_flatten_with_path(target)
@@ -106,6 +170,7 @@ def check_trees(target: PyTree, online: PyTree) -> None:
           f"{jax.tree_util.keystr(path) or '<root>'}: target has shape "
           f"{np.shape(t)}, online has shape {np.shape(o)}."
         )
+    _check_dtypes(path, t, o)
 
 
 def explicit_spec(x: Any) -> tuple | None:
@@ -168,8 +233,15 @@ def check_shardings(target: PyTree, online: PyTree) -> None:
       return
 
 
-def resolve_momentum(momentum: Any, step: jax.typing.ArrayLike) -> jax.Array:
-  """Evaluates ``momentum`` at ``step``; checks it whenever it is concrete."""
+def resolve_momentum(
+  momentum: Any, step: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+  """Evaluates ``momentum`` at ``step``: ``(m, finite)``, float32 and bool.
+
+  A concrete momentum must be a finite number in ``[0, 1]`` (``ValueError``
+  otherwise). A traced one (computed under ``jit``) cannot raise, so it gets
+  a defined value instead, :func:`sanitize_momentum`'s.
+  """
   if callable(momentum):
     m = momentum(step)
     what = f"the schedule {momentum!r} returned"
@@ -196,20 +268,54 @@ def resolve_momentum(momentum: Any, step: jax.typing.ArrayLike) -> jax.Array:
         f"{what} {v!r} at step {short(step)}; a momentum must lie in "
         "[0, 1] (it is the weight on the old target)."
       )
-  return jnp.asarray(m).astype(jnp.float32)
+    return jnp.asarray(m).astype(jnp.float32), jnp.array(True)
+  return sanitize_momentum(jnp.asarray(m).astype(jnp.float32), step)
+
+
+def sanitize_momentum(
+  m: jax.Array, step: jax.typing.ArrayLike
+) -> tuple[jax.Array, jax.Array]:
+  """The defined value of a traced momentum: ``(m', finite)``.
+
+  NaN and +-Inf become 1 (the target is left unchanged: nothing is lost) and
+  ``finite`` is False; finite values outside ``[0, 1]`` are clipped to it (no
+  extrapolation beyond the target or the online values). Both are reported
+  by ``checkify.debug_check``: an error under
+  ``jax.experimental.checkify.checkify``, nothing otherwise. Works
+  elementwise (for the momenta of an ``every=k`` window too).
+  """
+  finite = jnp.isfinite(m)
+  checkify.debug_check(
+    jnp.all(finite & (m >= 0.0) & (m <= 1.0)),
+    "momentum {m} at step {step} is outside [0, 1]: NaN/Inf leaves the "
+    "target unchanged, other values are clipped to [0, 1]",
+    m=m,
+    step=jnp.asarray(step),
+  )
+  clipped = jnp.clip(m, 0.0, 1.0).astype(jnp.float32)
+  return jnp.where(finite, clipped, jnp.float32(1.0)), finite
+
+
+HALF_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+"""The target dtypes a stochastic rounder applies to."""
+
+Rounder = Callable[[jax.Array, Any], jax.Array]
+"""``(float32 values, half dtype) -> values in that dtype``."""
 
 
 def blend_leaf(
   t: Any,
   o: Any,
   m: jax.Array,
-  rounder: Callable[[jax.Array], jax.Array] | None = None,
+  rounder: Rounder | None = None,
 ) -> Any:
-  """EMA of one leaf: float leaves blended in the target's dtype.
+  """EMA of one leaf: floating leaves blended in the target's dtype.
 
-  With a ``rounder`` (float32 -> bfloat16, e.g. the stochastic rounding of
-  :mod:`jepa_ema._rounding`), a bfloat16 result is rounded by it instead of
-  to nearest.
+  Real and complex leaves alike (a complex lerp is the real lerp of both
+  parts). With a ``rounder`` (e.g. the stochastic rounding of
+  :mod:`jepa_ema._rounding`), a bfloat16 or float16 result is rounded by it
+  instead of to nearest. Other leaves are taken from ``o`` (the dtype rule
+  is enforced by :func:`check_trees`).
   """
   if not is_float_leaf(t):
     return o
@@ -217,10 +323,11 @@ def blend_leaf(
   out_dtype = t.dtype
   # At least float32 (explicit: jnp.promote_types obeys strict promotion).
   compute = out_dtype if out_dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+  real = np.empty(0, compute).real.dtype  # float32 for complex64
   tc = t.astype(compute)
   oc = jnp.asarray(o).astype(compute)
-  m = m.astype(compute)
-  a = (1.0 - m).astype(compute)
+  m = m.astype(real)
+  a = (1.0 - m).astype(real)
   # Two-sided lerp: step from the nearer end point by the smaller weight,
   # t + a (o - t) if a <= 1/2, else o + m (t - o). With a weight <= 1/2 the
   # rounded step cannot overshoot the far end point, so every output lies
@@ -229,10 +336,10 @@ def blend_leaf(
   near = a <= 0.5
   base = jnp.where(near, tc, oc)
   far = jnp.where(near, oc, tc)
-  mixed = base + jnp.where(near, a, m) * (far - base)
+  mixed = base + jnp.where(near, a, m).astype(compute) * (far - base)
   mixed = jnp.where(a == 0, tc, jnp.where(a == 1, oc, mixed))
-  if rounder is not None and out_dtype == jnp.bfloat16:
-    return rounder(mixed)
+  if rounder is not None and out_dtype in HALF_DTYPES:
+    return rounder(mixed, out_dtype)
   return mixed.astype(out_dtype)
 
 
@@ -240,7 +347,7 @@ def blend_tree(
   target: PyTree,
   online: PyTree,
   m: jax.Array,
-  rounders: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
+  rounders: Sequence[Rounder | None] | None = None,
 ) -> PyTree:
   """:func:`blend_leaf` over checked trees; ``rounders``: one per target leaf."""
   leaves, treedef_ = jax.tree.flatten(target)

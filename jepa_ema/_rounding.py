@@ -1,32 +1,74 @@
-"""The ``rounding="stochastic"`` option: its checks and its numerics (internal).
+"""Rounding of half-precision targets (internal): the ``rounding="stochastic"``
+option, its checks and numerics, and the stagnation warning of round-to-nearest.
 
-A bfloat16 target is blended in float32 and rounded up or down with the
-probability that makes it exact in expectation (:func:`stochastic_round_bf16`).
-The noise is a counter-based hash of the element position and a per-leaf seed
-derived from the state's ``key`` and the step (:func:`round_seeds`), so it is
-reproducible, independent of the sharding and needs no key update.
+A bfloat16 or float16 target is blended in float32 and rounded up or down with
+the probability that makes it exact in expectation
+(:func:`stochastic_round_bf16`, :func:`stochastic_round_f16`). The noise is a
+counter-based hash of the element position and a per-leaf seed derived from
+the state's ``key`` and the step (:func:`round_seeds`), so it is reproducible,
+independent of the sharding and needs no key update.
+
+Rounded to nearest, a half-precision target stops moving once the increment
+``(1 - m)(o - t)`` is below half an ulp of ``t``: :func:`check_stagnation`
+warns at ``init`` (:class:`PrecisionWarning`).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jepa_ema import _kernel
+
 __all__ = [
+  "PrecisionWarning",
+  "STALL_TOLERANCE",
   "check_rounding",
+  "check_stagnation",
   "check_key",
   "wrap_key",
   "round_seeds",
   "hash32",
   "element_index",
   "stochastic_round_bf16",
+  "stochastic_round_f16",
+  "stochastic_round",
   "rounders",
 ]
+
+_HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+
+
+class PrecisionWarning(UserWarning):
+  """A half-precision target would stop following the params.
+
+  Rounded to nearest, a bfloat16 / float16 target moves only while the
+  increment ``(1 - m)(online - target)`` is at least half an ulp of the
+  target; with a high momentum it stalls well away from the params. Fix:
+  keep the target in float32 (``dtype=jnp.float32``) or pass
+  ``rounding="stochastic"``. Emitted by ``init`` of :func:`~jepa_ema.ema` and
+  :func:`~jepa_ema.track_ema`; the rule is :func:`check_stagnation`'s.
+
+  Examples:
+    >>> import warnings, jax.numpy as jnp, jepa_ema
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...   warnings.simplefilter("always")
+    ...   state = jepa_ema.ema(0.999).init({"w": jnp.zeros(3, jnp.float16)})
+    >>> caught[0].category.__name__
+    'PrecisionWarning'
+    >>> print(str(caught[0].message)[:60])
+    the target's float16 leaves (first at ['w']) are rounded to
+  """
+
+
+STALL_TOLERANCE = 0.01
+"""The relative distance :func:`check_stagnation` tolerates."""
 
 
 def check_rounding(rounding: Any, dtype: Any) -> str:
@@ -34,13 +76,62 @@ def check_rounding(rounding: Any, dtype: Any) -> str:
     raise ValueError(
       f"`rounding` must be 'nearest' or 'stochastic', got {rounding!r}."
     )
-  if rounding == "stochastic" and dtype is not None and dtype != jnp.bfloat16:
+  if rounding == "stochastic" and dtype is not None and dtype not in _HALF:
     raise ValueError(
-      f"rounding='stochastic' rounds float32 results to a bfloat16 target; "
-      f"it needs dtype=jnp.bfloat16 (or dtype=None with bfloat16 params), "
-      f"got dtype={dtype}."
+      f"rounding='stochastic' rounds float32 results to a half-precision "
+      f"target; it needs dtype=jnp.bfloat16 or jnp.float16 (or dtype=None "
+      f"with half-precision params), got dtype={dtype}."
     )
   return rounding
+
+
+def check_stagnation(
+  schedules: Sequence[Callable[[Any], Any]], target: Any
+) -> None:
+  """Warns if round-to-nearest would stall a half-precision target leaf.
+
+  An update moves a leaf by ``(1 - m)(o - t)``; rounded to nearest it is
+  lost once that is below half an ulp of ``t``, at most ``u |t|`` with the
+  unit roundoff ``u`` (2**-8 for bfloat16, 2**-11 for float16). So the target
+  stops following the params once within ``u / (1 - m)`` of them, relative
+  to its magnitude. A :class:`PrecisionWarning` is emitted when that exceeds
+  :data:`STALL_TOLERANCE` (1 %) at the first step's momentum ``m(0)``, for
+  the first leaf of each half dtype (``m(0) = 1`` is a target meant to stand
+  still). A schedule that cannot be evaluated concretely is not checked.
+  """
+  leaves, _ = jax.tree_util.tree_flatten_with_path(target)
+  first: dict[np.dtype, str] = {}
+  for path, x in leaves:
+    if _kernel.is_float_leaf(x) and _kernel.leaf_dtype(x) in _HALF:
+      first.setdefault(_kernel.leaf_dtype(x), jax.tree_util.keystr(path))
+  if not first:
+    return
+  momenta = []
+  for schedule in schedules:
+    try:
+      with jax.ensure_compile_time_eval():
+        m = float(schedule(0))
+    except Exception:  # pylint: disable=broad-except
+      continue  # not concrete (or fails at 0): the update will tell
+    momenta.append(m)
+  if not momenta:
+    return
+  m = max(momenta)
+  for dtype, where in first.items():
+    u = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
+    stall = u / (1.0 - m) if m < 1.0 else 0.0  # m = 1: meant to stand still
+    if stall > STALL_TOLERANCE:
+      warnings.warn(
+        f"the target's {dtype} leaves (first at {where or '<root>'}) are "
+        f"rounded to nearest: at momentum {m:g} an update adds {1.0 - m:.3g} "
+        "of the distance to the params, which is lost when below half an "
+        "ulp, so the target stops following the params once |params - "
+        f"target| < {stall:.3g} |target| (u / (1 - m), unit roundoff u = "
+        f"{u:.3g}; tolerated: {STALL_TOLERANCE:g}). Keep the target in "
+        "float32 (dtype=jnp.float32) or pass rounding='stochastic'.",
+        PrecisionWarning,
+        stacklevel=3,
+      )
 
 
 def check_key(key: Any) -> tuple[jax.Array, Any]:
@@ -112,19 +203,58 @@ def stochastic_round_bf16(x: jax.Array, seed: jax.Array) -> jax.Array:
   on any sharding, and ~30x cheaper on CPU than ``jax.random.bits``.
   """
   x = x.astype(jnp.float32)
-  noise = hash32(element_index(x.shape) ^ seed.astype(jnp.uint32)) >> 16
+  noise = _noise(x.shape, seed) >> 16
   bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
   rounded = ((bits + noise) >> 16).astype(jnp.uint16)
   out = jax.lax.bitcast_convert_type(rounded, jnp.bfloat16)
   return jnp.where(jnp.isnan(x), x.astype(jnp.bfloat16), out)
 
 
+def _noise(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
+  """32 uniform random bits per element: hash(position ^ seed)."""
+  return hash32(element_index(shape) ^ seed.astype(jnp.uint32))
+
+
+def stochastic_round_f16(x: jax.Array, seed: jax.Array) -> jax.Array:
+  """Rounds float32 ``x`` to float16 up or down, unbiased in expectation.
+
+  ``lo`` is ``x`` rounded to nearest and ``hi`` the float16 neighbour of
+  ``lo`` on ``x``'s side; ``hi`` is taken with probability ``(x - lo) / (hi
+  - lo)`` (both differences exact in float32), so ``E[round(x)] = x`` up to
+  one float32 rounding of that probability. Values that round to a
+  non-finite float16 (NaN, beyond the float16 range) are rounded to nearest.
+  """
+  x = x.astype(jnp.float32)
+  lo = x.astype(jnp.float16)
+  lo32 = lo.astype(jnp.float32)
+  r = x - lo32
+  hi = jnp.nextafter(lo, jnp.where(r > 0, jnp.inf, -jnp.inf).astype(lo.dtype))
+  gap = jnp.abs(hi.astype(jnp.float32) - lo32)
+  u = (_noise(x.shape, seed) >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+  take = (u < jnp.abs(r) / gap) & jnp.isfinite(lo) & jnp.isfinite(hi)
+  return jnp.where(take, hi, lo)
+
+
+def stochastic_round(x: jax.Array, dtype: Any, seed: jax.Array) -> jax.Array:
+  """Stochastic rounding of float32 ``x`` to the half dtype ``dtype``."""
+  if np.dtype(dtype) == np.dtype(jnp.float16):
+    return stochastic_round_f16(x, seed)
+  if np.dtype(dtype) == np.dtype(jnp.bfloat16):
+    return stochastic_round_bf16(x, seed)
+  raise ValueError(f"stochastic rounding to {dtype} is not supported.")
+
+
 def rounders(
   key: jax.Array, impl: Any, step: jax.Array, n: int
-) -> list[Callable[[jax.Array], jax.Array]]:
-  """One stochastic rounder per target leaf for the update at ``step``: a
-  pure function of (key, step, leaf, element position)."""
+) -> list[Callable[[jax.Array, Any], jax.Array]]:
+  """One stochastic rounder ``(x, dtype) -> rounded`` per target leaf for the
+  update at ``step``: a pure function of (key, step, leaf, element
+  position)."""
   return [
-    functools.partial(stochastic_round_bf16, seed=seed)
+    functools.partial(_round_with_seed, seed=seed)
     for seed in round_seeds(key, impl, step, n)
   ]
+
+
+def _round_with_seed(x: jax.Array, dtype: Any, *, seed: jax.Array) -> jax.Array:
+  return stochastic_round(x, dtype, seed)

@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jepa_ema import _kernel
 from jepa_ema import schedules as _schedules
 from jepa_ema.transform import EmaState
 
@@ -176,11 +177,23 @@ def posthoc_coefficients(
 
 
 def _is_float(x: Any) -> bool:
-  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+  """Averaged leaves: the EMA's floating (real or complex) array leaves.
+
+  Unlike the EMA's rule, Python scalars are not averaged (they are static
+  parts of a snapshot's tree).
+  """
+  return hasattr(x, "dtype") and _kernel.is_float_leaf(x)
+
+
+def _is_real_float(x: Any) -> bool:
+  """Leaves a storage ``dtype`` applies to (complex ones keep theirs)."""
+  return _is_float(x) and jnp.issubdtype(x.dtype, jnp.floating)
 
 
 def _acc_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
+  """At least float32 (complex leaves: their own dtype)."""
+  dtype = jnp.dtype(dtype)
+  return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
 
 
 @jax.jit
@@ -455,7 +468,7 @@ class PostHocSnapshots:
       target = s.target
       if self.dtype is not None:
         target = jax.tree.map(
-          lambda x: x.astype(self.dtype) if _is_float(x) else x, target
+          lambda x: x.astype(self.dtype) if _is_real_float(x) else x, target
         )
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((path / "target").resolve(), target)

@@ -137,8 +137,41 @@ def _check_int(name: str, value: Any, lo: int = 0) -> int:
 
 
 def _step_f32(step: jax.typing.ArrayLike) -> jax.Array:
-  """Casts an (int or float, possibly traced) step to float32."""
-  return jnp.asarray(step).astype(jnp.float32)
+  """Casts a real (int or float, possibly traced) step to float32.
+
+  Python and NumPy numbers are converted by NumPy first, so a step beyond
+  the int32 range (2**31 and up) is a large float, not an OverflowError.
+  """
+  if isinstance(step, jax.Array):  # tracers included
+    if _is_real_dtype(step.dtype):
+      return step.astype(jnp.float32)
+  elif isinstance(step, numbers.Real) and not isinstance(
+    step, (bool, np.bool_)
+  ):
+    try:
+      return jnp.asarray(np.float32(step))
+    except OverflowError:  # beyond even float64
+      return jnp.asarray(np.float32(np.inf if step > 0 else -np.inf))
+  elif isinstance(step, (np.ndarray, list, tuple)):
+    arr = np.asarray(step)
+    if _is_real_dtype(arr.dtype):
+      return jnp.asarray(arr.astype(np.float32))
+  raise TypeError(
+    f"a schedule's step must be a real number or array of them, got "
+    f"{short_repr(step)} (type {type(step).__name__}"
+    f"{f', dtype {step.dtype}' if hasattr(step, 'dtype') else ''})."
+  )
+
+
+def _is_real_dtype(dtype: Any) -> bool:
+  return bool(
+    jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+  )
+
+
+def short_repr(x: Any, limit: int = 200) -> str:
+  s = repr(x)
+  return s if len(s) <= limit else s[:limit] + "..."
 
 
 # ------------------------------------------------------------------ schedules
@@ -156,7 +189,7 @@ class ConstantMomentum:
     )
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
-    return jnp.full(jnp.shape(step), self.momentum, dtype=jnp.float32)
+    return jnp.full(jnp.shape(_step_f32(step)), self.momentum, jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,8 +21,10 @@ import optax
 
 from jepa_ema import _drift, _every, _kernel, _rounding
 from jepa_ema import schedules as _schedules
+from jepa_ema._rounding import PrecisionWarning
 
 __all__ = [
+  "PrecisionWarning",
   "EmaState",
   "EmaTransformation",
   "ema",
@@ -43,8 +45,10 @@ class EmaState(NamedTuple):
       update uses momentum ``schedule(step)``.
     target: the EMA target pytree (the structure of the params; floating
       leaves in the ``dtype`` the transformation was built with).
-    skipped: int32 scalar, how many updates were skipped because the params
-      held NaN/Inf (only with ``skip_nonfinite=True``; otherwise stays 0).
+    skipped: int32 scalar, how many updates (``every=k``: windows) dropped
+      something: a non-finite momentum from the schedule under ``jit``
+      (counted as 1, always), or params holding NaN/Inf (the whole update,
+      only with ``skip_nonfinite=True``). 0 in a healthy run.
     drift: with ``drift=True`` (or ``drift=N``), ``{"global": x,
       "per_module": {name: x}}``: float32 scalars ``||target - params|| /
       ||params||`` after the last update that computed them (every update,
@@ -125,11 +129,24 @@ def _check_dtype(dtype: Any) -> Any:
 
 
 def _copy_leaf(x: Any, dtype: Any) -> Any:
+  """A leaf of a new target: a copy, real floating leaves cast to ``dtype``
+  (complex leaves keep theirs: a real ``dtype`` would drop a part)."""
   if not _kernel.is_array_like(x):
     return x
-  if dtype is not None and _kernel.is_float_leaf(x):
+  if (
+    dtype is not None
+    and _kernel.is_float_leaf(x)
+    and jnp.issubdtype(_kernel.leaf_dtype(x), jnp.floating)
+  ):
     return jnp.array(x, dtype=dtype, copy=True)
   return jnp.array(x, copy=True)
+
+
+def _max_abs(x: Any) -> jax.Array:
+  x = jnp.asarray(x)
+  if jnp.issubdtype(x.dtype, jnp.complexfloating):  # |x| may overflow
+    return jnp.maximum(jnp.max(jnp.abs(x.real)), jnp.max(jnp.abs(x.imag)))
+  return jnp.max(jnp.abs(x))
 
 
 def _all_finite(tree: PyTree) -> jax.Array:
@@ -137,7 +154,7 @@ def _all_finite(tree: PyTree) -> jax.Array:
   # Unlike all(isfinite(x)), XLA fuses it into one reduction without a
   # bool temporary the size of the leaf.
   finite = [
-    jnp.max(jnp.abs(jnp.asarray(x))) < jnp.inf
+    _max_abs(x) < jnp.inf
     for x in jax.tree.leaves(tree)
     if _kernel.is_float_leaf(x) and jnp.size(x) > 0
   ]
@@ -195,8 +212,9 @@ def ema(
     stored step, no recompilation) and keeps the last value in between: on
     compilers that do not fuse the norms into the update (XLA:CPU) they are a
     second read of both trees, and this makes their cost 1/N.
-  * ``rounding="stochastic"`` (with a bfloat16 target: ``dtype=jnp.bfloat16``
-    or bfloat16 params) blends in float32 and rounds each result up or down
+  * ``rounding="stochastic"`` (with a bfloat16 or float16 target:
+    ``dtype=jnp.bfloat16`` / ``jnp.float16`` or half-precision params)
+    blends in float32 and rounds each result up or down
     at random with the probability that makes it exact in expectation, so a
     momentum of 0.999 does not stagnate the way round-to-nearest does. The
     noise is a pure function of ``key`` (stored in the state), the step and
@@ -207,11 +225,14 @@ def ema(
     momentum: a schedule (any callable ``step -> momentum``, optax schedules
       included) or a number in ``[0, 1]``; or a tuple/list of them for
       several targets.
-    dtype: if given, the floating leaves of the target are stored in this
-      floating dtype, e.g. ``jnp.float32`` for bfloat16 params: bfloat16 has
-      8 mantissa bits, so with ``m = 0.999`` an increment ``(1 - m)(o - t)``
-      is usually below half an ulp of ``t`` and a bfloat16 target stagnates
-      (unless ``rounding="stochastic"``).
+    dtype: if given, the real floating leaves of the target are stored in
+      this floating dtype (complex leaves keep theirs), e.g. ``jnp.float32``
+      for bfloat16 params: bfloat16 has 8 mantissa bits, so with
+      ``m = 0.999`` an increment ``(1 - m)(o - t)`` is usually below half an
+      ulp of ``t`` and a bfloat16 target stagnates (unless
+      ``rounding="stochastic"``). ``init`` warns
+      (:class:`~jepa_ema.PrecisionWarning`) when a half-precision target
+      rounded to nearest would stall at the first step's momentum.
     skip_nonfinite: if True, a step whose params hold a NaN or Inf in any
       floating leaf leaves the target unchanged (bitwise) and increments
       ``state.skipped``. The step counter still advances, so the schedule
@@ -222,7 +243,8 @@ def ema(
     drift: keep ``||target - params|| / ||params||`` in ``state.drift``:
       ``True`` after every update, an int ``N >= 1`` after every N-th.
     rounding: ``"nearest"`` (default) or ``"stochastic"``: the target's
-      bfloat16 leaves are rounded stochastically (other leaves as usual).
+      bfloat16 and float16 leaves are rounded stochastically (other leaves
+      as usual).
     key: the seed (int) or ``jax.random.key`` of the stochastic rounding.
 
   Returns:
@@ -231,10 +253,11 @@ def ema(
   Raises:
     ValueError: if a number ``momentum`` is outside ``[0, 1]``, ``dtype`` is
       not floating, ``every < 1``, ``rounding`` is unknown or stochastic
-      without a bfloat16 target. ``update`` raises ``ValueError`` if the
-      params do not have the structure and shapes of the target.
+      without a half-precision target. ``update`` raises ``ValueError`` if
+      the params do not have the structure and shapes of the target.
     TypeError: for a ``momentum`` that is neither callable nor a number, or
-      a non-int ``every``.
+      a non-int ``every``; from ``update``, for params whose leaf dtypes the
+      target cannot keep (see :func:`~jepa_ema.ema_update`).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -332,18 +355,19 @@ def _init_states(
   states = []
   for i in range(len(opts.schedules)):
     target = jax.tree.map(lambda x: _copy_leaf(x, opts.dtype), params)
-    if (
-      opts.stochastic
-      and i == 0
-      and not any(
-        _kernel.is_float_leaf(x) and jnp.asarray(x).dtype == jnp.bfloat16
+    if i == 0 and opts.stochastic:
+      if not any(
+        _kernel.is_float_leaf(x)
+        and _kernel.leaf_dtype(x) in _kernel.HALF_DTYPES
         for x in jax.tree.leaves(target)
-      )
-    ):
-      raise ValueError(
-        "rounding='stochastic' needs bfloat16 target leaves, but the "
-        "target has none; pass dtype=jnp.bfloat16 (or bfloat16 params)."
-      )
+      ):
+        raise ValueError(
+          "rounding='stochastic' needs half-precision target leaves, but the "
+          "target has none; pass dtype=jnp.bfloat16 or jnp.float16 (or "
+          "half-precision params)."
+        )
+    elif i == 0:
+      _rounding.check_stagnation(opts.schedules, target)
     k = None
     if opts.stochastic:
       assert opts.key_data is not None  # checked by _parse_options
@@ -377,11 +401,12 @@ def _advance(
   finite = _all_finite(params) if opts.skip_nonfinite else None
   out = []
   for schedule, state in zip(opts.schedules, states):
-    m = _every.window_momentum(schedule, step, opts.every)
-    skipped = state.skipped
+    m, m_finite = _every.window_momentum(schedule, step, opts.every)
+    lost = jnp.logical_not(m_finite)
     if finite is not None:
       m = jnp.where(finite, m, jnp.float32(1.0))
-      skipped = jnp.where(finite, skipped, _safe_increment(skipped))
+      lost = lost | jnp.logical_not(finite)
+    skipped = jnp.where(lost, _safe_increment(state.skipped), state.skipped)
     _kernel.check_trees(state.target, params)
     _kernel.check_shardings(state.target, params)
     rounders = None
@@ -504,7 +529,8 @@ def track_ema(
       post-step params are then only computed on those steps.
     drift: keep ``||target - params|| / ||params||`` in the state (``True``:
       every update; an int ``N``: every N-th update).
-    rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 targets).
+    rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 / float16
+      targets).
     key: the seed or key of the stochastic rounding.
 
   Returns:

@@ -6,7 +6,7 @@ inside any ``jax.jit``; :func:`make_ema_update` binds a schedule once and
 returns the jit-compiled, buffer-donating three-argument update a training
 loop calls.
 
-Numerics, for every floating-point leaf (``a = 1 - m``)::
+Numerics, for every floating-point leaf, real or complex (``a = 1 - m``)::
 
     m == 1    ->  target                      (bitwise: the old buffer values)
     m == 0    ->  online.astype(target.dtype)
@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jepa_ema import _kernel
 from jepa_ema import schedules as _schedules
@@ -44,6 +45,7 @@ __all__ = [
 
 
 PyTree = _kernel.PyTree
+_INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 EmaUpdateFn = Callable[[PyTree, PyTree, jax.typing.ArrayLike], PyTree]
 """``(target, online, step) -> new_target``, as returned by :func:`make_ema_update`."""
 
@@ -56,19 +58,32 @@ def ema_update(
 ) -> PyTree:
   """One EMA step of a parameter pytree: ``m * target + (1 - m) * online``.
 
+  **Argument order:** the target first. Swapped, the call moves the online
+  params towards the target instead, and nothing can detect that (both are
+  trees of the same structure).
+
   ``m = momentum(step)`` for a schedule, or ``momentum`` itself for a number
   (a traced scalar computed in the caller's ``jit`` is accepted too).
   Momentum is the weight on the old target: ``optax.incremental_update``'s
   ``step_size`` is ``1 - m``; ``flax.nnx.EMA``'s ``decay`` and BYOL's ``tau``
   are ``m``.
 
-  * Floating leaves are blended in float32 (or the target's dtype if wider)
-    and the result keeps the **target's** dtype (a float32 target of bfloat16
-    params stays float32). ``m == 1`` leaves the target bitwise unchanged and
-    ``m == 0`` returns the online values cast to the target's dtype. Every
-    output lies between the target and online values (also in floating point).
+  * Floating leaves, real and complex, are blended in float32 (or the
+    target's dtype if wider) and the result keeps the **target's** dtype (a
+    float32 target of bfloat16 params stays float32). ``m == 1`` leaves the
+    target bitwise unchanged and ``m == 0`` returns the online values cast to
+    the target's dtype. Every output lies between the target and online
+    values (also in floating point; complex: each part). The online leaf may
+    be any real float or integer (for a complex target also complex); other
+    online dtypes are a ``TypeError``.
   * Every other leaf (integer counters, bools, PRNG keys, non-array objects)
-    is taken from ``online``.
+    is taken from ``online``, which must then have the target leaf's dtype
+    (``TypeError`` naming the key path and both dtypes otherwise).
+  * A concrete momentum outside ``[0, 1]`` raises. A traced one (under
+    ``jit``) cannot, so it gets a defined value: finite values are clipped to
+    ``[0, 1]``, NaN and +-Inf leave the target unchanged; run under
+    ``jax.experimental.checkify.checkify`` to have them reported (otherwise
+    the check costs nothing).
   * Leaves keep their sharding and the update is elementwise, so it needs no
     communication between devices. Changing ``step`` never recompiles.
 
@@ -76,8 +91,8 @@ def ema_update(
     target: the target (teacher / EMA) parameter pytree.
     online: the online (student / context encoder) pytree; same structure and
       leaf shapes as ``target``.
-    step: the training step ``t`` the schedule is evaluated at; an int or a
-      traced integer scalar.
+    step: the training step ``t`` the schedule is evaluated at; a real number
+      (Python ints beyond int32 too) or a traced scalar.
     momentum: a schedule (any callable ``step -> momentum``, optax schedules
       included) or a number in ``[0, 1]``.
 
@@ -88,7 +103,8 @@ def ema_update(
     ValueError: if the tree structures or leaf shapes differ (the message names
       the first offending key path and both sides), or if a concrete momentum
       lies outside ``[0, 1]``.
-    TypeError: if ``momentum`` is neither a schedule nor a real number.
+    TypeError: if ``momentum`` is neither a schedule nor a real number, or a
+      leaf's dtypes break the rule above.
 
   Examples:
     >>> import jax.numpy as jnp, numpy as np
@@ -105,7 +121,7 @@ def ema_update(
     >>> print(np.asarray(jepa_ema.ema_update(target, online, 5, schedule)["w"]).round(4))
     [0.25 0.25]
   """
-  m = _kernel.resolve_momentum(momentum, step)
+  m, _ = _kernel.resolve_momentum(momentum, step)
   _kernel.check_trees(target, online)
   _kernel.check_shardings(target, online)
   return _kernel.blend_tree(target, online, m)
@@ -132,6 +148,8 @@ def make_ema_update(
   compilation, it checks that target and online leaves share their shardings
   and emits a :class:`ShardingMismatchWarning` naming the first leaf
   otherwise (not on every call: the check costs about 1.5 us per leaf).
+  A Python int ``step`` beyond the int32 range is passed as a float32 (one
+  more compilation) instead of overflowing.
 
   Args:
     momentum: a schedule or a number in ``[0, 1]``; validated now.
@@ -173,6 +191,8 @@ def make_ema_update(
     # new compilation, never per step.
     if check_next[0]:
       _kernel.check_shardings(target, online)
+    if isinstance(step, int) and not _INT32_MIN <= step <= _INT32_MAX:
+      step = np.float32(step)  # jit would raise OverflowError on int32
     before = cache_size()
     out = jitted(target, online, step)
     check_next[0] = cache_size() != before

@@ -9,6 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+import jepa_ema
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -101,6 +103,18 @@ def test_posthoc_page_block(tmp_path, monkeypatch):
   assert len(ns["snaps"]) == 6  # steps 100, 200, 300 x two widths
   assert ns["model"]["w"].shape == (3,)
   assert ns["x"].shape == (6,) and ns["x"].sum() == pytest.approx(1.0)
+
+
+def test_half_precision_page_prints_what_it_says(capsys):
+  """The bf16 / float16 page's printed table is what its block prints, and
+  the round-to-nearest runs warn at init."""
+  block = _block("f16 target, stochastic", "howto/bf16.md")
+  text = (ROOT / "docs" / "howto" / "bf16.md").read_text()
+  said = re.search(r"prints\n\n```\n(.*?)```", text, flags=re.S).group(1)
+  with pytest.warns(jepa_ema.PrecisionWarning) as caught:
+    exec(compile(block, "bf16.md", "exec"), {})  # pylint: disable=exec-used
+  assert len(caught) == 2  # the two round-to-nearest half-precision runs
+  assert capsys.readouterr().out == said
 
 
 DOCS = sorted((ROOT / "docs").rglob("*.md"))

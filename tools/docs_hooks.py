@@ -1,14 +1,43 @@
-"""mkdocs hooks: the API page must document every public name of jepa_ema."""
+"""mkdocs hooks: the pages that mirror the code must match it.
+
+* ``api.md`` must document every public name of jepa_ema.
+* ``guarantees.md`` must hold the current table of odd inputs, as
+  ``tests/inputs_table.py`` renders it (``python tests/inputs_table.py
+  --write`` regenerates it).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
 import re
+import sys
 from typing import Any
 
 from mkdocs.exceptions import PluginError
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _inputs_table() -> Any:
+  path = ROOT / "tests" / "inputs_table.py"
+  spec = importlib.util.spec_from_file_location("inputs_table", path)
+  assert spec is not None and spec.loader is not None
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
+  if page.file.src_uri == "guarantees.md":
+    table = _inputs_table()
+    if table.current() != table.render():
+      raise PluginError(
+        "docs/guarantees.md: the table of odd inputs is stale; run "
+        "python tests/inputs_table.py --write"
+      )
+    return markdown
   if page.file.src_uri != "api.md":
     return markdown
   import jepa_ema
