@@ -158,7 +158,7 @@ def _step_f32(step: jax.typing.ArrayLike) -> jax.Array:
       return jnp.asarray(arr.astype(np.float32))
   raise TypeError(
     f"a schedule's step must be a real number or array of them, got "
-    f"{short_repr(step)} (type {type(step).__name__}"
+    f"{_short_repr(step)} (type {type(step).__name__}"
     f"{f', dtype {step.dtype}' if hasattr(step, 'dtype') else ''})."
   )
 
@@ -169,7 +169,7 @@ def _is_real_dtype(dtype: Any) -> bool:
   )
 
 
-def short_repr(x: Any, limit: int = 200) -> str:
+def _short_repr(x: Any, limit: int = 200) -> str:
   s = repr(x)
   return s if len(s) <= limit else s[:limit] + "..."
 

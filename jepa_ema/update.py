@@ -148,8 +148,10 @@ def make_ema_update(
   compilation, it checks that target and online leaves share their shardings
   and emits a :class:`ShardingMismatchWarning` naming the first leaf
   otherwise (not on every call: the check costs about 1.5 us per leaf).
-  A Python int ``step`` beyond the int32 range is passed as a float32 (one
-  more compilation) instead of overflowing.
+  A Python or NumPy integer ``step`` beyond the int32 range is passed as a
+  float32 (one more compilation) instead of overflowing or wrapping around.
+  As with :func:`ema_update`, the target comes first: swapped arguments
+  cannot be detected.
 
   Args:
     momentum: a schedule or a number in ``[0, 1]``; validated now.
@@ -191,8 +193,11 @@ def make_ema_update(
     # new compilation, never per step.
     if check_next[0]:
       _kernel.check_shardings(target, online)
-    if isinstance(step, int) and not _INT32_MIN <= step <= _INT32_MAX:
-      step = np.float32(step)  # jit would raise OverflowError on int32
+    if isinstance(step, (int, np.integer)) and not (
+      _INT32_MIN <= step <= _INT32_MAX
+    ):
+      # jit would raise OverflowError (int) or wrap around (np.int64).
+      step = np.float32(step)
     before = cache_size()
     out = jitted(target, online, step)
     check_next[0] = cache_size() != before

@@ -270,6 +270,15 @@ ROWS: list[Row] = [
     raises=ValueError,
     match=r"\['w'\].*\(3,\).*\(1, 3\)",
   ),
+  Row(
+    "trees",
+    "`ema.update` with its arguments swapped",
+    "jepa_ema.ema(0.9).update(jepa_ema.ema(0.9).init(target), online)",
+    "`TypeError`: the call is `update(params, state)` (`ema_update`'s swapped "
+    "`target` / `online` cannot be detected)",
+    raises=TypeError,
+    match=r"update\(params, state\)",
+  ),
   # --------------------------------------------------------------- leaves
   Row(
     "leaves",

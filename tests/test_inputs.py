@@ -558,7 +558,9 @@ def test_make_ema_update_huge_steps_compile_once_more():
     jepa_ema.cosine_momentum(0.5, 1.0, total_steps=2**32), donate=False
   )
   t, o = {"w": jnp.zeros(2)}, {"w": jnp.ones(2)}
-  for step in (0, 1, 2**31, 2**31 + 1, 2**33):
+  for step in (0, 1, 2**31, 2**31 + 1, np.int64(2**31), 2**33):
     out = fn(t, o, step)
+    if step >= 2**31:  # np.int64 would wrap to -2**31 in jit: m = 0.5
+      assert float(out["w"][0]) < 0.5
   assert fn._cache_size() == 2  # pylint: disable=protected-access
   chex.assert_trees_all_equal(out, t)  # m(2**33) = 1: past the ramp
