@@ -13,8 +13,9 @@ round; ``ema(...).jit()``, state donated, as a user calls it):
 * ``drift=True`` / ``drift=10`` / ``drift=100`` (mean per step over whole
   intervals): against the plain update, and against the plain update
   followed by a separate jitted pass that computes the same norms;
-* bfloat16 targets: float32 target of bfloat16 params (``dtype=float32``),
-  bfloat16 target rounded to nearest, bfloat16 target rounded stochastically.
+* half-precision targets: float32 target of bfloat16 params
+  (``dtype=float32``), bfloat16 and float16 targets rounded to nearest and
+  stochastically.
 
 Accuracy:
 
@@ -23,8 +24,9 @@ Accuracy:
   plain-skip target (ema-pytorch's ``update_every``: the per-step momentum on
   every k-th step) from the per-step target, relative to the per-step
   target's own lag behind the online params, for k = 2, 4, 8;
-* bfloat16 stagnation: 2000 steps at m = 0.999 from 0 toward 1 (closed form
-  1 - 0.999**2000 = 0.8648): float32, bfloat16 nearest, bfloat16 stochastic.
+* half-precision stagnation: 2000 steps at m = 0.999 from 0 toward 1 (closed
+  form 1 - 0.999**2000 = 0.8648): float32, bfloat16 and float16 targets
+  rounded to nearest and stochastically.
 
 Usage::
 
@@ -83,9 +85,11 @@ def speed_variants(tree: str, section: str) -> dict[str, Callable[[], None]]:
     calls: int = 1,
   ) -> None:
     update = ema.jit()
-    box = [
-      ema.init(ema_bench.jax_tree(tree, 0, params[next(iter(params))].dtype))
-    ]
+    with warnings.catch_warnings():  # half-precision nearest: on purpose
+      warnings.simplefilter("ignore", jepa_ema.PrecisionWarning)
+      box = [
+        ema.init(ema_bench.jax_tree(tree, 0, params[next(iter(params))].dtype))
+      ]
 
     def run() -> None:
       state = box[0]
@@ -167,6 +171,11 @@ def speed_variants(tree: str, section: str) -> dict[str, Callable[[], None]]:
   stateful("bf16 target, nearest", jepa_ema.ema(0.999), bf16)
   stateful(
     "bf16 target, stochastic", jepa_ema.ema(0.999, rounding="stochastic"), bf16
+  )
+  f16 = jax.tree.map(lambda x: x.astype(jnp.float16), online)
+  stateful("f16 target, nearest", jepa_ema.ema(0.999), f16)
+  stateful(
+    "f16 target, stochastic", jepa_ema.ema(0.999, rounding="stochastic"), f16
   )
   return out
 
@@ -328,6 +337,11 @@ def stagnation(n: int, steps: int = 2000, m: float = 0.999) -> dict[str, float]:
       "bf16 stochastic",
       jepa_ema.ema(m, dtype=jnp.bfloat16, rounding="stochastic"),
     ),
+    ("f16 nearest", jepa_ema.ema(m, dtype=jnp.float16)),
+    (
+      "f16 stochastic",
+      jepa_ema.ema(m, dtype=jnp.float16, rounding="stochastic"),
+    ),
   ]:
     with warnings.catch_warnings():  # the stagnation is what is measured
       warnings.simplefilter("ignore", jepa_ema.PrecisionWarning)
@@ -423,7 +437,7 @@ def markdown(res: dict[str, Any]) -> str:
     )
   lines += [
     "",
-    "## bfloat16 stagnation (2000 steps, m = 0.999, 0 -> 1)",
+    "## half-precision stagnation (2000 steps, m = 0.999, 0 -> 1)",
     "",
     "| | value |",
     "|---|---|",

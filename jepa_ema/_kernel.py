@@ -318,6 +318,8 @@ def blend_leaf(
   is enforced by :func:`check_trees`).
   """
   if not is_float_leaf(t):
+    if isinstance(o, (np.ndarray, np.generic)):
+      return jnp.asarray(o)  # the canonical dtype, which the target has
     return o
   t = jnp.asarray(t)
   out_dtype = t.dtype

@@ -218,21 +218,36 @@ def _noise(shape: tuple[int, ...], seed: jax.Array) -> jax.Array:
 def stochastic_round_f16(x: jax.Array, seed: jax.Array) -> jax.Array:
   """Rounds float32 ``x`` to float16 up or down, unbiased in expectation.
 
-  ``lo`` is ``x`` rounded to nearest and ``hi`` the float16 neighbour of
-  ``lo`` on ``x``'s side; ``hi`` is taken with probability ``(x - lo) / (hi
-  - lo)`` (both differences exact in float32), so ``E[round(x)] = x`` up to
-  one float32 rounding of that probability. Values that round to a
-  non-finite float16 (NaN, beyond the float16 range) are rounded to nearest.
+  As for bfloat16 (:func:`stochastic_round_bf16`), by truncating the float32
+  bits after adding random bits to the part that is dropped: float16 keeps
+  10 of float32's 23 mantissa bits in its normal range, so 13 bits are
+  dropped; in its subnormal range (``|x| < 2**-14``, a fixed gap of
+  ``2**-24``) more, ``126 - e`` for the float32 exponent ``e``. The carry
+  happens with probability (dropped part) / (gap), the fraction of the gap
+  ``x`` has crossed, so ``E[round(x)] = x`` exactly. Below the smallest
+  subnormal (``|x| < 2**-24``) the result is 0 or ``2**-24`` with probability
+  ``|x| * 2**24`` (to 24 bits). NaN, and values that only round to a finite
+  float16 to nearest (between the float16 maximum and the overflow
+  threshold), are rounded to nearest.
   """
   x = x.astype(jnp.float32)
-  lo = x.astype(jnp.float16)
-  lo32 = lo.astype(jnp.float32)
-  r = x - lo32
-  hi = jnp.nextafter(lo, jnp.where(r > 0, jnp.inf, -jnp.inf).astype(lo.dtype))
-  gap = jnp.abs(hi.astype(jnp.float32) - lo32)
-  u = (_noise(x.shape, seed) >> 8).astype(jnp.float32) * np.float32(2.0**-24)
-  take = (u < jnp.abs(r) / gap) & jnp.isfinite(lo) & jnp.isfinite(hi)
-  return jnp.where(take, hi, lo)
+  noise = _noise(x.shape, seed)
+  bits = jax.lax.bitcast_convert_type(x, jnp.uint32)
+  e = ((bits >> 23) & jnp.uint32(0xFF)).astype(jnp.int32)
+  drop = jnp.clip(126 - e, 13, 23).astype(jnp.uint32)
+  mask = (jnp.uint32(1) << drop) - jnp.uint32(1)
+  kept = jax.lax.bitcast_convert_type(
+    (bits + (noise & mask)) & ~mask, jnp.float32
+  )
+  u = (noise >> 8).astype(jnp.float32) * np.float32(2.0**-24)
+  tiny = jnp.where(
+    u < jnp.abs(x) * np.float32(2.0**24), np.float32(2.0**-24), np.float32(0)
+  )
+  out = jnp.where(e < 103, jnp.copysign(tiny, x), kept).astype(jnp.float16)
+  nearest = x.astype(jnp.float16)
+  return jnp.where(
+    (jnp.isinf(out) & ~jnp.isinf(nearest)) | jnp.isnan(x), nearest, out
+  )
 
 
 def stochastic_round(x: jax.Array, dtype: Any, seed: jax.Array) -> jax.Array:

@@ -255,6 +255,18 @@ def test_dtype_rule_allows_casts_that_lose_nothing(maybe_jit):
   np.testing.assert_array_equal(out["c64"], [0.5, 0.5])
 
 
+def test_dtype_rule_compares_the_dtypes_jax_gives():
+  """NumPy int64 is int32 to JAX unless x64 is on: taken from online as a
+  JAX int32 array then, a TypeError with x64."""
+  target, online = {"n": jnp.array(3)}, {"n": np.array(4, np.int64)}
+  out = jepa_ema.ema_update(target, online, 0, 0.5)
+  assert isinstance(out["n"], jax.Array) and out["n"].dtype == jnp.int32
+  assert int(out["n"]) == 4
+  with jax.enable_x64(True):
+    with pytest.raises(TypeError, match=r"\['n'\].*int32.*int64"):
+      jepa_ema.ema_update({"n": jnp.array(3, jnp.int32)}, online, 0, 0.5)
+
+
 def test_ema_init_keeps_complex_leaves_with_a_real_dtype():
   params = {"w": jnp.ones(2, jnp.bfloat16), "z": jnp.full(2, 1j, jnp.complex64)}
   state = jepa_ema.ema(0.5, dtype=jnp.float32).init(params)
@@ -487,6 +499,31 @@ def _f16_floor(x):
     n.astype(np.float32) > x, np.nextafter(n, np.float16(-np.inf)), n
   )
   return n.astype(np.float32)
+
+
+@pytest.mark.parametrize(
+  "value",
+  [1.2345, -3.3e3, 2.5e-5, -7.7e-7, 3.1e-8, -1e-9],
+  ids=["normal", "large", "subnormal", "deep-subnormal", "below-2^-24", "tiny"],
+)
+def test_float16_stochastic_is_unbiased_in_every_range(value):
+  """m = 0 rounds the online float32 value into the float16 target: over
+  2**16 elements the mean is the value within 6 standard errors, and every
+  element is one of its two float16 neighbours."""
+  n = 1 << 16
+  ema = jepa_ema.ema(0.0, rounding="stochastic", key=11)
+  state = ema.init(jnp.zeros(n, jnp.float16))
+  out = np.asarray(
+    ema.update(jnp.full(n, value, jnp.float32), state).target, np.float64
+  )
+  v = float(np.float32(value))
+  down = float(_f16_floor(np.array([v], np.float32))[0])
+  up = float(-_f16_floor(np.array([-v], np.float32))[0])
+  assert set(np.unique(out)) <= {down, up}, (np.unique(out), down, up)
+  sem = (up - down) / 2 / np.sqrt(n)
+  assert abs(out.mean() - v) < 6 * sem + 1e-12 * abs(v), (out.mean(), v)
+  if down != up:  # both neighbours occur (the rounding is random)
+    assert len(np.unique(out)) == 2
 
 
 def test_float16_stochastic_edge_values():
