@@ -29,6 +29,7 @@ from jepa_ema import _kernel
 __all__ = [
   "PrecisionWarning",
   "STALL_TOLERANCE",
+  "PROBE_STEPS",
   "check_rounding",
   "check_stagnation",
   "check_key",
@@ -85,6 +86,10 @@ def check_rounding(rounding: Any, dtype: Any) -> str:
   return rounding
 
 
+PROBE_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
+"""The steps :func:`check_stagnation` evaluates a schedule at."""
+
+
 def check_stagnation(
   schedules: Sequence[Callable[[Any], Any]], target: Any
 ) -> None:
@@ -94,10 +99,12 @@ def check_stagnation(
   lost once that is below half an ulp of ``t``, at most ``u |t|`` with the
   unit roundoff ``u`` (2**-8 for bfloat16, 2**-11 for float16). So the target
   stops following the params once within ``u / (1 - m)`` of them, relative
-  to its magnitude. A :class:`PrecisionWarning` is emitted when that exceeds
-  :data:`STALL_TOLERANCE` (1 %) at the first step's momentum ``m(0)``, for
-  the first leaf of each half dtype (``m(0) = 1`` is a target meant to stand
-  still). A schedule that cannot be evaluated concretely is not checked.
+  to its magnitude. A :class:`PrecisionWarning` is emitted, for the first
+  leaf of each half dtype, when that exceeds :data:`STALL_TOLERANCE` (1 %)
+  at the largest momentum below 1 that a schedule takes at the steps
+  :data:`PROBE_STEPS` (so a warm-up that starts at 0 is caught; a momentum
+  of exactly 1 is a target meant to stand still). A schedule that cannot be
+  evaluated concretely is not checked.
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(target)
   first: dict[np.dtype, str] = {}
@@ -106,29 +113,31 @@ def check_stagnation(
       first.setdefault(_kernel.leaf_dtype(x), jax.tree_util.keystr(path))
   if not first:
     return
-  momenta = []
+  worst = None  # (m, step): the largest momentum below 1
   for schedule in schedules:
-    try:
-      with jax.ensure_compile_time_eval():
-        m = float(schedule(0))
-    except Exception:  # pylint: disable=broad-except
-      continue  # not concrete (or fails at 0): the update will tell
-    momenta.append(m)
-  if not momenta:
+    for step in PROBE_STEPS:
+      try:
+        with jax.ensure_compile_time_eval():
+          m = float(schedule(step))
+      except Exception:  # pylint: disable=broad-except
+        break  # not concrete (or fails): the update will tell
+      if m < 1.0 and (worst is None or m > worst[0]):
+        worst = (m, step)
+  if worst is None:
     return
-  m = max(momenta)
+  m, step = worst
   for dtype, where in first.items():
     u = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
-    stall = u / (1.0 - m) if m < 1.0 else 0.0  # m = 1: meant to stand still
+    stall = u / (1.0 - m)
     if stall > STALL_TOLERANCE:
       warnings.warn(
         f"the target's {dtype} leaves (first at {where or '<root>'}) are "
-        f"rounded to nearest: at momentum {m:g} an update adds {1.0 - m:.3g} "
-        "of the distance to the params, which is lost when below half an "
-        "ulp, so the target stops following the params once |params - "
-        f"target| < {stall:.3g} |target| (u / (1 - m), unit roundoff u = "
-        f"{u:.3g}; tolerated: {STALL_TOLERANCE:g}). Keep the target in "
-        "float32 (dtype=jnp.float32) or pass rounding='stochastic'.",
+        f"rounded to nearest: at momentum {m:g} (step {step}) an update adds "
+        f"{1.0 - m:.3g} of the distance to the params, which is lost when "
+        "below half an ulp, so the target stops following the params once "
+        f"|params - target| < {stall:.3g} |target| (u / (1 - m), unit "
+        f"roundoff u = {u:.3g}; tolerated: {STALL_TOLERANCE:g}). Keep the "
+        "target in float32 (dtype=jnp.float32) or pass rounding='stochastic'.",
         PrecisionWarning,
         stacklevel=3,
       )

@@ -232,7 +232,7 @@ def ema(
       ulp of ``t`` and a bfloat16 target stagnates (unless
       ``rounding="stochastic"``). ``init`` warns
       (:class:`~jepa_ema.PrecisionWarning`) when a half-precision target
-      rounded to nearest would stall at the first step's momentum.
+      rounded to nearest would stall (see ``PrecisionWarning``).
     skip_nonfinite: if True, a step whose params hold a NaN or Inf in any
       floating leaf leaves the target unchanged (bitwise) and increments
       ``state.skipped``. The step counter still advances, so the schedule

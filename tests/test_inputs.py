@@ -411,6 +411,22 @@ def test_precision_warning_threshold(dtype, m, warns):
     assert f"{u / (1 - m):.3g}" in str(found[0].message)
 
 
+def test_precision_warning_sees_a_warmup_that_starts_at_zero():
+  """timm's warm-up starts at m(0) = 0, then rises: the largest momentum
+  below 1 at the probed steps is what stalls the target."""
+  sched = jepa_ema.warmup_momentum(max_momentum=0.999)
+  m = max(float(sched(s)) for s in (0, 1, 10, 100, 1000, 10**4, 10**5, 10**6))
+  assert float(sched(0)) == 0.0 and m == pytest.approx(0.999)
+  with pytest.warns(jepa_ema.PrecisionWarning, match=r"momentum 0\.999 \(step"):
+    jepa_ema.ema(sched).init({"w": jnp.zeros(3, jnp.float16)})
+  # float16 at a momentum that never exceeds 0.9: 0.49 %, tolerated.
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    jepa_ema.ema(jepa_ema.warmup_momentum(max_momentum=0.9)).init(
+      {"w": jnp.zeros(3, jnp.float16)}
+    )
+
+
 def test_no_precision_warning_when_the_target_is_safe():
   params = {"w": jnp.zeros(3, jnp.bfloat16)}
   with warnings.catch_warnings():
