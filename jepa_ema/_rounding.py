@@ -43,8 +43,6 @@ __all__ = [
   "rounders",
 ]
 
-_HALF = (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
-
 
 class PrecisionWarning(UserWarning):
   """A half-precision target would stop following the params.
@@ -53,8 +51,13 @@ class PrecisionWarning(UserWarning):
   increment ``(1 - m)(online - target)`` is at least half an ulp of the
   target; with a high momentum it stalls well away from the params. Fix:
   keep the target in float32 (``dtype=jnp.float32``) or pass
-  ``rounding="stochastic"``. Emitted by ``init`` of :func:`~jepa_ema.ema` and
-  :func:`~jepa_ema.track_ema`; the rule is :func:`check_stagnation`'s.
+  ``rounding="stochastic"``.
+
+  Emitted by ``init`` of :func:`~jepa_ema.ema` and :func:`~jepa_ema.track_ema`
+  when a target leaf is bfloat16 or float16, the rounding is to nearest, and
+  ``u / (1 - m)`` exceeds 1 % for the unit roundoff ``u`` (2**-8, 2**-11)
+  and the largest momentum ``m < 1`` the schedule takes at steps 0, 1, 10,
+  ..., 10**6: the relative distance at which the target stops following.
 
   Examples:
     >>> import warnings, jax.numpy as jnp, jepa_ema
@@ -77,7 +80,11 @@ def check_rounding(rounding: Any, dtype: Any) -> str:
     raise ValueError(
       f"`rounding` must be 'nearest' or 'stochastic', got {rounding!r}."
     )
-  if rounding == "stochastic" and dtype is not None and dtype not in _HALF:
+  if (
+    rounding == "stochastic"
+    and dtype is not None
+    and dtype not in _kernel.HALF_DTYPES
+  ):
     raise ValueError(
       f"rounding='stochastic' rounds float32 results to a half-precision "
       f"target; it needs dtype=jnp.bfloat16 or jnp.float16 (or dtype=None "
@@ -109,7 +116,9 @@ def check_stagnation(
   leaves, _ = jax.tree_util.tree_flatten_with_path(target)
   first: dict[np.dtype, str] = {}
   for path, x in leaves:
-    if _kernel.is_float_leaf(x) and _kernel.leaf_dtype(x) in _HALF:
+    if (
+      _kernel.is_float_leaf(x) and _kernel.leaf_dtype(x) in _kernel.HALF_DTYPES
+    ):
       first.setdefault(_kernel.leaf_dtype(x), jax.tree_util.keystr(path))
   if not first:
     return
