@@ -141,7 +141,13 @@ def _defined_momentum(m):
   return 1.0 if not np.isfinite(m) else float(np.clip(np.float32(m), 0, 1))
 
 
-def check_output(target, online, out, m):
+def check_output(target, online, out, m, stochastic=False):
+  """Structure, dtypes and the documented rule for every leaf of ``out``.
+
+  Floating leaves lie between the target and the online value rounded to
+  the target's dtype (to nearest; with ``stochastic`` rounding, outward) and
+  match the blend of the defined momentum to an ulp (two with stochastic
+  rounding); other leaves are the online ones."""
   m = _defined_momentum(m)
   assert jax.tree.structure(out) == jax.tree.structure(target)
   flat_t = jax.tree.leaves(target)
@@ -165,15 +171,29 @@ def check_output(target, online, out, m):
     tv = _f64(jnp.asarray(t).astype(want))
     ov = _f64(jnp.asarray(o).astype(want))
     yv = _f64(y)
+    o_down = o_up = ov
+    half = want in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if stochastic and half:
+      o_down, o_up = _outward(o, want)
     parts = (np.real, np.imag) if np.iscomplexobj(yv) else (np.real,)
-    eps = float(jnp.finfo(want).eps)
+    eps = float(jnp.finfo(want).eps) * (2 if stochastic else 1)
     for part in parts:
-      lo = np.minimum(part(tv), part(ov))
-      hi = np.maximum(part(tv), part(ov))
+      lo = np.minimum(part(tv), np.minimum(part(o_down), part(o_up)))
+      hi = np.maximum(part(tv), np.maximum(part(o_down), part(o_up)))
       assert np.all((part(yv) >= lo) & (part(yv) <= hi)), (t, o, y, m)
       ref = m * part(tv) + (1 - m) * part(ov)
       tol = eps * (np.abs(part(tv)) + np.abs(part(ov))) + 1e-30
       assert np.all(np.abs(part(yv) - ref) <= tol), (t, o, y, m)
+
+
+def _outward(o, dtype):
+  """The representable neighbours of ``o`` in ``dtype``, below and above."""
+  o32 = jnp.asarray(o).astype(jnp.float32)
+  n = o32.astype(dtype)
+  n32 = n.astype(jnp.float32)
+  down = jnp.where(n32 > o32, jnp.nextafter(n, jnp.array(-jnp.inf, dtype)), n)
+  up = jnp.where(n32 < o32, jnp.nextafter(n, jnp.array(jnp.inf, dtype)), n)
+  return _f64(down), _f64(up)
 
 
 def jepa_ema_leaf_dtype(x):
@@ -216,6 +236,32 @@ def test_property_mixed_trees_through_ema(trees, m):
   state = jax.jit(ema.update)(online, state)
   check_output(target, online, state.target, m)
   assert int(state.skipped) == (0 if np.isfinite(m) else 1)
+
+
+@given(trees=mixed_trees(), m=momenta, key=st.integers(0, 2**31 - 1))
+def test_property_mixed_trees_stochastic_rounding(trees, m, key):
+  """With rounding="stochastic" the same rules hold, half-precision leaves
+  rounded to one of the two neighbours of the blend (outward at most); a
+  tree without half-precision leaves is refused at init."""
+  target, online = trees
+  ema = jepa_ema.ema(
+    lambda step: jnp.float32(m) + 0 * jnp.asarray(step, jnp.float32),
+    rounding="stochastic",
+    key=key,
+  )
+  half = [
+    x
+    for x in jax.tree.leaves(target)
+    if hasattr(x, "dtype")
+    and not jnp.issubdtype(x.dtype, jax.dtypes.extended)  # PRNG keys
+    and np.dtype(x.dtype) in (np.dtype(jnp.bfloat16), np.dtype(jnp.float16))
+  ]
+  if not half:
+    with pytest.raises(ValueError, match="half-precision target leaves"):
+      ema.init(target)
+    return
+  state = jax.jit(ema.update)(online, ema.init(target))
+  check_output(target, online, state.target, m, stochastic=True)
 
 
 # ------------------------------------------------------------ the dtype rule
