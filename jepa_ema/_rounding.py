@@ -98,7 +98,7 @@ PROBE_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 
 
 def check_stagnation(
-  schedules: Sequence[Callable[[Any], Any]], target: Any
+  schedules: Sequence[Callable[[Any], Any]], target: Any, stacklevel: int = 3
 ) -> None:
   """Warns if round-to-nearest would stall a half-precision target leaf.
 
@@ -111,7 +111,8 @@ def check_stagnation(
   at the largest momentum below 1 that a schedule takes at the steps
   :data:`PROBE_STEPS` (so a warm-up that starts at 0 is caught; a momentum
   of exactly 1 is a target meant to stand still). A schedule that cannot be
-  evaluated concretely is not checked.
+  evaluated concretely is not checked. ``stacklevel``: the frame the warning
+  names, counted from this function (3: its caller's caller).
   """
   leaves, _ = jax.tree_util.tree_flatten_with_path(target)
   first: dict[np.dtype, str] = {}
@@ -148,7 +149,7 @@ def check_stagnation(
         f"roundoff u = {u:.3g}; tolerated: {STALL_TOLERANCE:g}). Keep the "
         "target in float32 (dtype=jnp.float32) or pass rounding='stochastic'.",
         PrecisionWarning,
-        stacklevel=3,
+        stacklevel=stacklevel,
       )
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jepa_ema import _kernel
+from jepa_ema import _kernel, _rounding
 from jepa_ema import schedules as _schedules
 from jepa_ema._kernel import ShardingMismatchWarning
 
@@ -147,7 +147,10 @@ def make_ema_update(
   never recompiles. On its first call, and on the call after any new
   compilation, it checks that target and online leaves share their shardings
   and emits a :class:`ShardingMismatchWarning` naming the first leaf
-  otherwise (not on every call: the check costs about 1.5 us per leaf).
+  otherwise (not on every call: the check costs about 1.5 us per leaf). On
+  its first call and on each call that compiles, a half-precision target
+  that, rounded to nearest, would stall gets a
+  :class:`~jepa_ema.PrecisionWarning`, as ``ema().init`` does.
   A Python or NumPy integer ``step`` beyond the int32 range is passed as a
   float32 (one more compilation) instead of overflowing or wrapping around.
   As with :func:`ema_update`, the target comes first: swapped arguments
@@ -179,7 +182,7 @@ def make_ema_update(
     functools.partial(_bound_update, schedule),
     donate_argnums=(0,) if donate else (),
   )
-  check_next = [True]
+  check_next, first = [True], [True]
   # jax.jit's compilation-cache size (private API; without it, only the first
   # call is checked).
   cache_size = getattr(jitted, "_cache_size", lambda: 0)
@@ -200,7 +203,11 @@ def make_ema_update(
       step = np.float32(step)
     before = cache_size()
     out = jitted(target, online, step)
-    check_next[0] = cache_size() != before
+    compiled = cache_size() != before
+    if compiled or first[0]:  # dtypes only change with a compilation
+      _rounding.check_stagnation((schedule,), out)
+      first[0] = False
+    check_next[0] = compiled
     return out
 
   fn: Any = ema_update_fn  # functools.wraps' type does not list attributes

@@ -473,6 +473,19 @@ def test_precision_warning_sees_a_warmup_that_starts_at_zero():
     )
 
 
+def test_make_ema_update_warns_on_its_first_call_only():
+  fn = jepa_ema.make_ema_update(0.999)
+  t16 = {"w": jnp.zeros(3, jnp.float16)}
+  with pytest.warns(jepa_ema.PrecisionWarning, match="float16"):
+    t16 = fn(t16, {"w": jnp.ones(3, jnp.float16)}, 0)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    for step in (1, 2):  # no new compilation: no new check
+      t16 = fn(t16, {"w": jnp.ones(3, jnp.float16)}, step)
+    t32 = {"w": jnp.zeros(3)}  # a new compilation, checked: float32 is safe
+    jepa_ema.make_ema_update(0.999)(t32, {"w": jnp.ones(3)}, 0)
+
+
 def test_no_precision_warning_when_the_target_is_safe():
   params = {"w": jnp.zeros(3, jnp.bfloat16)}
   with warnings.catch_warnings():
