@@ -365,68 +365,41 @@ class PostHocSnapshots:
   ) -> None:
     self.directory = pathlib.Path(directory)
     config_path = self.directory / _CONFIG
-    if config_path.exists():
-      try:
-        saved = json.loads(config_path.read_text())
-        saved_sigmas = tuple(float(v) for v in saved["sigma_rels"])
-        saved_every = int(saved["every"])
-        saved_dtype = saved["dtype"]
-      except (ValueError, KeyError, TypeError) as e:
-        raise SnapshotError(f"{config_path} is damaged ({e}).") from e
+    if config_path.exists():  # open: the arguments must agree with the disk
+      self.sigma_rels, self.every, self.dtype = _read_config(config_path)
       given = {
         "sigma_rels": None
         if sigma_rels is None
         else tuple(float(v) for v in sigma_rels),
         "every": every,
-        "dtype": None if dtype is None else jnp.dtype(dtype).name,
+        "dtype": None if dtype is None else jnp.dtype(dtype),
       }
-      for name, now, before in (
-        ("sigma_rels", given["sigma_rels"], saved_sigmas),
-        ("every", given["every"], saved_every),
-        ("dtype", given["dtype"], saved_dtype),
-      ):
+      for name, now in given.items():
+        before = getattr(self, name)
         if now is not None and now != before:
           raise SnapshotError(
             f"{self.directory} holds snapshots written with {name}="
-            f"{before!r}, not {now!r}; use another directory."
+            f"{_config_value(before)!r}, not {_config_value(now)!r}; use "
+            "another directory."
           )
-      self.sigma_rels, self.every = saved_sigmas, saved_every
-      self.dtype = None if saved_dtype is None else jnp.dtype(saved_dtype)
-    else:
-      if sigma_rels is None or every is None:
-        raise SnapshotError(
-          f"{self.directory} holds no snapshots ({_CONFIG} is missing); "
-          "give `sigma_rels` and `every` to start writing there."
-        )
-      self.sigma_rels = tuple(float(v) for v in sigma_rels)
-      if not self.sigma_rels:
-        raise ValueError("`sigma_rels` is empty.")
-      for s in self.sigma_rels:
-        _schedules.sigma_rel_to_gamma(s)  # validates the range
-      if (
-        isinstance(every, bool)
-        or not isinstance(every, (int, np.integer))
-        or every < 1
-      ):
-        raise ValueError(f"`every` must be a positive int, got {every!r}.")
-      self.every = int(every)
-      self.dtype = None if dtype is None else jnp.dtype(dtype)
-      if self.dtype is not None and not jnp.issubdtype(
-        self.dtype, jnp.floating
-      ):
-        raise ValueError(f"`dtype` must be a floating dtype, got {dtype!r}.")
-      self.directory.mkdir(parents=True, exist_ok=True)
-      tmp = config_path.with_suffix(".tmp")
-      tmp.write_text(
-        json.dumps(
-          {
-            "sigma_rels": list(self.sigma_rels),
-            "every": self.every,
-            "dtype": None if self.dtype is None else self.dtype.name,
-          }
-        )
+      return
+    if sigma_rels is None or every is None:
+      raise SnapshotError(
+        f"{self.directory} holds no snapshots ({_CONFIG} is missing); "
+        "give `sigma_rels` and `every` to start writing there."
       )
-      os.replace(tmp, config_path)
+    self.sigma_rels, self.every, self.dtype = _check_config(
+      sigma_rels, every, dtype
+    )
+    self.directory.mkdir(parents=True, exist_ok=True)
+    _write_json(
+      config_path,
+      {
+        "sigma_rels": list(self.sigma_rels),
+        "every": self.every,
+        "dtype": _config_value(self.dtype),
+      },
+    )
 
   # -- write side
 
@@ -473,11 +446,10 @@ class PostHocSnapshots:
       with ocp.StandardCheckpointer() as ckptr:
         ckptr.save((path / "target").resolve(), target)
         ckptr.wait_until_finished()
-      tmp = path / (_META + ".tmp")
-      tmp.write_text(
-        json.dumps({"step": step, "sigma_rel": self.sigma_rels[i], "index": i})
+      _write_json(
+        path / _META,
+        {"step": step, "sigma_rel": self.sigma_rels[i], "index": i},
       )
-      os.replace(tmp, path / _META)
       wrote = True
     return wrote
 
@@ -533,6 +505,51 @@ class PostHocSnapshots:
     restores that target (raising :class:`SnapshotError` if it is damaged)."""
     for step, sigma, path in self._entries():
       yield step, sigma, _Loader(path)
+
+
+def _config_value(x: Any) -> Any:
+  """A config entry as it is stored (a dtype by its name)."""
+  return x.name if isinstance(x, np.dtype) else x
+
+
+def _check_config(
+  sigma_rels: Sequence[float], every: Any, dtype: Any
+) -> tuple[tuple[float, ...], int, Any]:
+  """Validates the arguments that start a new snapshot directory."""
+  sigmas = tuple(float(v) for v in sigma_rels)
+  if not sigmas:
+    raise ValueError("`sigma_rels` is empty.")
+  for s in sigmas:
+    _schedules.sigma_rel_to_gamma(s)  # validates the range
+  if (
+    isinstance(every, bool)
+    or not isinstance(every, (int, np.integer))
+    or every < 1
+  ):
+    raise ValueError(f"`every` must be a positive int, got {every!r}.")
+  dt = None if dtype is None else jnp.dtype(dtype)
+  if dt is not None and not jnp.issubdtype(dt, jnp.floating):
+    raise ValueError(f"`dtype` must be a floating dtype, got {dtype!r}.")
+  return sigmas, int(every), dt
+
+
+def _read_config(path: pathlib.Path) -> tuple[tuple[float, ...], int, Any]:
+  """``(sigma_rels, every, dtype)`` of an existing snapshot directory."""
+  try:
+    saved = json.loads(path.read_text())
+    sigmas = tuple(float(v) for v in saved["sigma_rels"])
+    every = int(saved["every"])
+    dtype = None if saved["dtype"] is None else jnp.dtype(saved["dtype"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise SnapshotError(f"{path} is damaged ({e}).") from e
+  return sigmas, every, dtype
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+  """Writes ``obj`` to ``path`` atomically (a reader sees all or nothing)."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj))
+  os.replace(tmp, path)
 
 
 class _Loader:
