@@ -8,7 +8,7 @@ counter-based hash of the element position and a per-leaf seed derived from
 the state's ``key`` and the step (:func:`round_seeds`), so it is reproducible,
 independent of the sharding and needs no key update.
 
-Rounded to nearest, a half-precision target stops moving once the increment
+Rounded to nearest, a low-precision target stops moving once the increment
 ``(1 - m)(o - t)`` is below half an ulp of ``t``: :func:`check_stagnation`
 warns at ``init`` (:class:`PrecisionWarning`).
 """
@@ -45,19 +45,21 @@ __all__ = [
 
 
 class PrecisionWarning(UserWarning):
-  """A half-precision target would stop following the params.
+  """A low-precision target would stop following the params.
 
-  Rounded to nearest, a bfloat16 / float16 target moves only while the
-  increment ``(1 - m)(online - target)`` is at least half an ulp of the
+  Rounded to nearest, a bfloat16 / float16 / float8 target moves only while
+  the increment ``(1 - m)(online - target)`` is at least half an ulp of the
   target; with a high momentum it stalls well away from the params. Fix:
-  keep the target in float32 (``dtype=jnp.float32``) or pass
-  ``rounding="stochastic"``.
+  keep the target in float32 (``dtype=jnp.float32``) or, for bfloat16 and
+  float16, pass ``rounding="stochastic"``.
 
   Emitted by ``init`` of :func:`~jepa_ema.ema` and :func:`~jepa_ema.track_ema`
-  when a target leaf is bfloat16 or float16, the rounding is to nearest, and
-  ``u / (1 - m)`` exceeds 1 % for the unit roundoff ``u`` (2**-8, 2**-11)
-  and the largest momentum ``m < 1`` the schedule takes at steps 0, 1, 10,
-  ..., 10**6: the relative distance at which the target stops following.
+  (and the first call of :func:`~jepa_ema.make_ema_update`'s function) when
+  a target leaf is narrower than float32, the rounding is to nearest, and
+  ``u / (1 - m)`` exceeds 1 % for its unit roundoff ``u`` (2**-8 bfloat16,
+  2**-11 float16) and the largest momentum ``m < 1`` the schedule takes at
+  steps 0, 1, 10, ..., 10**6: the relative distance at which the target
+  stops following.
 
   Examples:
     >>> import warnings, jax.numpy as jnp, jepa_ema
@@ -100,11 +102,12 @@ PROBE_STEPS = (0, 1, 10, 100, 1_000, 10_000, 100_000, 1_000_000)
 def check_stagnation(
   schedules: Sequence[Callable[[Any], Any]], target: Any, stacklevel: int = 3
 ) -> None:
-  """Warns if round-to-nearest would stall a half-precision target leaf.
+  """Warns if round-to-nearest would stall a low-precision target leaf.
 
   An update moves a leaf by ``(1 - m)(o - t)``; rounded to nearest it is
   lost once that is below half an ulp of ``t``, at most ``u |t|`` with the
-  unit roundoff ``u`` (2**-8 for bfloat16, 2**-11 for float16). So the target
+  unit roundoff ``u`` (2**-8 for bfloat16, 2**-11 for float16, 2**-4 and
+  2**-3 for the float8 formats e4m3 and e5m2). So the target
   stops following the params once within ``u / (1 - m)`` of them, relative
   to its magnitude. A :class:`PrecisionWarning` is emitted, for the first
   leaf of each half dtype, when that exceeds :data:`STALL_TOLERANCE` (1 %)
@@ -117,9 +120,7 @@ def check_stagnation(
   leaves, _ = jax.tree_util.tree_flatten_with_path(target)
   first: dict[np.dtype, str] = {}
   for path, x in leaves:
-    if (
-      _kernel.is_float_leaf(x) and _kernel.leaf_dtype(x) in _kernel.HALF_DTYPES
-    ):
+    if _kernel.is_float_leaf(x) and _is_low_precision(_kernel.leaf_dtype(x)):
       first.setdefault(_kernel.leaf_dtype(x), jax.tree_util.keystr(path))
   if not first:
     return
@@ -140,17 +141,27 @@ def check_stagnation(
     u = 2.0 ** -(jnp.finfo(dtype).nmant + 1)
     stall = u / (1.0 - m)
     if stall > STALL_TOLERANCE:
+      fix = (
+        "Keep the target in float32 (dtype=jnp.float32) or pass "
+        "rounding='stochastic'."
+        if dtype in _kernel.HALF_DTYPES
+        else "Keep the target in float32 (dtype=jnp.float32)."
+      )
       warnings.warn(
         f"the target's {dtype} leaves (first at {where or '<root>'}) are "
         f"rounded to nearest: at momentum {m:g} (step {step}) an update adds "
         f"{1.0 - m:.3g} of the distance to the params, which is lost when "
         "below half an ulp, so the target stops following the params once "
         f"|params - target| < {stall:.3g} |target| (u / (1 - m), unit "
-        f"roundoff u = {u:.3g}; tolerated: {STALL_TOLERANCE:g}). Keep the "
-        "target in float32 (dtype=jnp.float32) or pass rounding='stochastic'.",
+        f"roundoff u = {u:.3g}; tolerated: {STALL_TOLERANCE:g}). {fix}",
         PrecisionWarning,
         stacklevel=stacklevel,
       )
+
+
+def _is_low_precision(dtype: np.dtype) -> bool:
+  """Real floating dtypes narrower than float32: bfloat16, float16, float8s."""
+  return bool(jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4)
 
 
 def check_key(key: Any) -> tuple[jax.Array, Any]:

@@ -231,7 +231,7 @@ def ema(
       ``m = 0.999`` an increment ``(1 - m)(o - t)`` is usually below half an
       ulp of ``t`` and a bfloat16 target stagnates (unless
       ``rounding="stochastic"``). ``init`` warns
-      (:class:`~jepa_ema.PrecisionWarning`) when a half-precision target
+      (:class:`~jepa_ema.PrecisionWarning`) when a low-precision target
       rounded to nearest would stall (see ``PrecisionWarning``).
     skip_nonfinite: if True, a step whose params hold a NaN or Inf in any
       floating leaf leaves the target unchanged (bitwise) and increments

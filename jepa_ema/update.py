@@ -148,7 +148,7 @@ def make_ema_update(
   compilation, it checks that target and online leaves share their shardings
   and emits a :class:`ShardingMismatchWarning` naming the first leaf
   otherwise (not on every call: the check costs about 1.5 us per leaf). On
-  its first call and on each call that compiles, a half-precision target
+  its first call and on each call that compiles, a low-precision target
   that, rounded to nearest, would stall gets a
   :class:`~jepa_ema.PrecisionWarning`, as ``ema().init`` does.
   A Python or NumPy integer ``step`` beyond the int32 range is passed as a

@@ -457,6 +457,23 @@ def test_precision_warning_threshold(dtype, m, warns):
     assert f"{u / (1 - m):.3g}" in str(found[0].message)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_float8_targets_are_blended_and_warned_about(dtype):
+  """float8 leaves are floating: blended, dtype kept; at m = 0.9 a float8
+  target stalls 62 % / 125 % away, so init warns, without suggesting the
+  stochastic rounding it does not have."""
+  out = jepa_ema.ema_update(
+    {"w": jnp.zeros(2, dtype)}, {"w": jnp.ones(2, dtype)}, 0, 0.5
+  )
+  assert out["w"].dtype == dtype
+  np.testing.assert_array_equal(np.asarray(out["w"], np.float32), 0.5)
+  with pytest.warns(jepa_ema.PrecisionWarning, match="float8") as caught:
+    jepa_ema.ema(0.9).init({"w": jnp.zeros(2, dtype)})
+  assert "stochastic" not in str(caught[0].message)
+  with pytest.raises(ValueError, match="half-precision"):
+    jepa_ema.ema(0.9, dtype=dtype, rounding="stochastic")
+
+
 def test_precision_warning_sees_a_warmup_that_starts_at_zero():
   """timm's warm-up starts at m(0) = 0, then rises: the largest momentum
   below 1 at the probed steps is what stalls the target."""
