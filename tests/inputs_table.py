@@ -272,6 +272,14 @@ ROWS: list[Row] = [
   ),
   Row(
     "trees",
+    "empty trees and zero-size leaves",
+    "ema_update({'a': {}, 'b': None, 'c': jnp.zeros((0, 3))}, "
+    "{'a': {}, 'b': None, 'c': jnp.ones((0, 3))}, 0, 0.9)",
+    "returned with their structure (nothing to blend)",
+    check=_equal({"a": {}, "b": None, "c": jnp.zeros((0, 3))}),
+  ),
+  Row(
+    "trees",
     "`ema.update` with its arguments swapped",
     "jepa_ema.ema(0.9).update(jepa_ema.ema(0.9).init(target), online)",
     "`TypeError`: the call is `update(params, state)` (`ema_update`'s swapped "
