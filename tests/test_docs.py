@@ -4,6 +4,7 @@ import pathlib
 import re
 import runpy
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -131,6 +132,10 @@ def test_docs_code_blocks_run(page, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
   ns: dict = {"__name__": "docs"}
-  for block in blocks:
-    if not block.strip().startswith("--8<--"):
-      exec(compile(block, str(page), "exec"), ns)  # pylint: disable=exec-used
+  with warnings.catch_warnings():
+    # The bf16 page stalls targets on purpose (its own test asserts the
+    # warnings: test_half_precision_page_prints_what_it_says).
+    warnings.simplefilter("ignore", jepa_ema.PrecisionWarning)
+    for block in blocks:
+      if not block.strip().startswith("--8<--"):
+        exec(compile(block, str(page), "exec"), ns)  # pylint: disable=exec-used
