@@ -27,6 +27,7 @@ __all__ = [
   "short",
   "is_array_like",
   "is_float_leaf",
+  "is_real_float_leaf",
   "leaf_dtype",
   "check_trees",
   "explicit_spec",
@@ -90,6 +91,12 @@ def is_float_leaf(x: Any) -> bool:
   return jnp.issubdtype(leaf_dtype(x), jnp.inexact)
 
 
+def is_real_float_leaf(x: Any) -> bool:
+  """Real floating array-likes: the leaves a storage ``dtype`` applies to
+  (a real dtype would drop a complex leaf's imaginary part)."""
+  return is_float_leaf(x) and jnp.issubdtype(leaf_dtype(x), jnp.floating)
+
+
 def _check_dtypes(path: Any, t: Any, o: Any) -> None:
   """The dtype rule: the result keeps the target's dtype, never silently.
 
@@ -103,6 +110,7 @@ def _check_dtypes(path: Any, t: Any, o: Any) -> None:
   where = jax.tree_util.keystr(path) or "<root>"
   o_dtype = leaf_dtype(o) if is_array_like(o) else None
   t_dtype = leaf_dtype(t)
+  got = f"dtype {o_dtype}" if o_dtype is not None else type(o).__name__
   if is_float_leaf(t):
     ok = o_dtype is not None and (
       jnp.issubdtype(o_dtype, jnp.floating)
@@ -113,7 +121,6 @@ def _check_dtypes(path: Any, t: Any, o: Any) -> None:
       )
     )
     if not ok:
-      got = f"dtype {o_dtype}" if o_dtype is not None else type(o).__name__
       raise TypeError(
         f"cannot blend the online leaf at {where} into the target: the "
         f"target has dtype {t_dtype}, online has {got}. A floating target "
@@ -124,8 +131,7 @@ def _check_dtypes(path: Any, t: Any, o: Any) -> None:
   if o_dtype != t_dtype:
     raise TypeError(
       f"the leaf at {where} is not floating (target dtype {t_dtype}), so "
-      f"the new target takes the online leaf, but online has "
-      f"{f'dtype {o_dtype}' if o_dtype is not None else type(o).__name__}: "
+      f"the new target takes the online leaf, but online has {got}: "
       "the result would change the target's dtype. Give both the same dtype "
       "(e.g. build the target from the params with ema().init)."
     )

@@ -296,10 +296,6 @@ def rounders(
   update at ``step``: a pure function of (key, step, leaf, element
   position)."""
   return [
-    functools.partial(_round_with_seed, seed=seed)
+    functools.partial(stochastic_round, seed=seed)
     for seed in round_seeds(key, impl, step, n)
   ]
-
-
-def _round_with_seed(x: jax.Array, dtype: Any, *, seed: jax.Array) -> jax.Array:
-  return stochastic_round(x, dtype, seed)

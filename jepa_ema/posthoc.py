@@ -187,7 +187,7 @@ def _is_float(x: Any) -> bool:
 
 def _is_real_float(x: Any) -> bool:
   """Leaves a storage ``dtype`` applies to (complex ones keep theirs)."""
-  return _is_float(x) and jnp.issubdtype(x.dtype, jnp.floating)
+  return hasattr(x, "dtype") and _kernel.is_real_float_leaf(x)
 
 
 def _acc_dtype(dtype: Any) -> Any:

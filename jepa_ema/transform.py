@@ -133,11 +133,7 @@ def _copy_leaf(x: Any, dtype: Any) -> Any:
   (complex leaves keep theirs: a real ``dtype`` would drop a part)."""
   if not _kernel.is_array_like(x):
     return x
-  if (
-    dtype is not None
-    and _kernel.is_float_leaf(x)
-    and jnp.issubdtype(_kernel.leaf_dtype(x), jnp.floating)
-  ):
+  if dtype is not None and _kernel.is_real_float_leaf(x):
     return jnp.array(x, dtype=dtype, copy=True)
   return jnp.array(x, copy=True)
 
