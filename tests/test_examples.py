@@ -184,15 +184,9 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
 def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
   demo = load("ijepa_digits.py")
   args = [
-    "--quick",
-    "--steps",
+    *COMMON,
+    "--steps",  # argparse keeps the last value: 20 steps, not COMMON's 60
     "20",
-    "--runs",
-    "ema",
-    "--no-eval-baselines",
-    "--no-progress",
-    "--checkpoint-every",
-    "10",
     "--checkpoint-dir",
     str(tmp_path / "ck"),
     "--out-dir",
