@@ -100,24 +100,35 @@ def _complex(out: Any) -> None:
   np.testing.assert_allclose(np.asarray(out["w"]), 0.1 + 0.2j, rtol=1e-6)
 
 
+def run_to_one(ema: Any, n: int, steps: int, dtype: Any = jnp.float32) -> Any:
+  """``steps`` updates of ``ema`` from ``zeros(n)`` towards ``ones(n)`` (in
+  ``dtype``), in one jitted loop; the closed form is ``1 - m**steps``."""
+  params, ones = jnp.zeros(n, dtype), jnp.ones(n, dtype)
+  state = ema.init(params)
+  body = lambda _, s: ema.update(ones, s)
+  return jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s))(state)
+
+
+def stochastic_mean_bound(ulp: float, m: float, n: int) -> float:
+  """6 standard errors of the mean of ``n`` stochastically rounded elements.
+
+  Each rounding adds independent zero-mean noise of std <= ulp/2, which the
+  next updates scale by m: in the stationary limit one element's error has
+  std <= (ulp/2) / sqrt(1 - m**2); the mean of n independent elements has
+  1/sqrt(n) of it.
+  """
+  return 6 * (ulp / 2) / float(np.sqrt(1 - m**2)) / float(np.sqrt(n))
+
+
 def _float16_unbiased(ema: Any) -> None:
   """2000 steps at m = 0.999 from 0 towards 1: the float16 target's mean is
   the exact EMA's within 6 standard errors, where round-to-nearest stalls."""
   n, steps, m = 4096, 2000, 0.999
-  exact = 1.0 - m**steps
-  params = {"w": jnp.zeros(n, jnp.float16)}
-  state = ema.init(params)
-  update = jax.jit(ema.update)
-  for _ in range(steps):
-    state = update({"w": jnp.ones(n, jnp.float16)}, state)
-  w = np.asarray(state.target["w"], np.float64)
-  assert state.target["w"].dtype == jnp.float16
-  # Each rounding adds independent zero-mean noise of std <= ulp/2 (ulp =
-  # 2**-11 in [0.5, 1)), which the next updates scale by m: in the stationary
-  # limit the element std is <= (ulp/2) / sqrt(1 - m**2); the mean of n
-  # independent elements has 1/sqrt(n) of it.
-  bound = 6 * (2.0**-11 / 2) / np.sqrt(1 - m**2) / np.sqrt(n)
-  assert abs(w.mean() - exact) < bound, (w.mean(), exact, bound)
+  state = run_to_one(ema, n, steps, jnp.float16)
+  assert state.target.dtype == jnp.float16
+  mean = float(np.mean(np.asarray(state.target, np.float64)))
+  bound = stochastic_mean_bound(2.0**-11, m, n)  # float16 ulp in [0.5, 1)
+  assert abs(mean - (1.0 - m**steps)) < bound, (mean, bound)
 
 
 def _is_one(out: Any) -> None:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from inputs_table import run_to_one, stochastic_mean_bound
 
 import jepa_ema
 
@@ -352,26 +353,11 @@ def test_drift_edge_cases():
 # ------------------------------------------------------ stochastic rounding
 
 
-def run_to_one(ema, n_elem, steps, m_params=jnp.float32):
-  """EMA from 0 toward 1 at constant params, inside one jitted loop."""
-  params = jnp.zeros(n_elem, m_params)
-  ones = jnp.ones(n_elem, m_params)
-
-  @jax.jit
-  def go(state):
-    return jax.lax.fori_loop(0, steps, lambda _, s: ema.update(ones, s), state)
-
-  return go(ema.init(params))
-
-
 def test_stochastic_bf16_is_unbiased_where_nearest_stagnates():
   m, n = 0.999, 4096
   exact = {s: 1 - m**s for s in (500, 1000, 2000)}
-  ulp = 2.0**-8  # bfloat16 spacing in [0.5, 1); smaller below 0.5
-  # Each update's rounding error has std <= ulp / 2; the EMA sums them with
-  # weights m^k, so one element's error has std <= ulp/2 / sqrt(1 - m^2),
-  # and the mean over n elements 1/sqrt(n) of that. Bound: 6 sigma.
-  bound = 6 * (ulp / 2) / math.sqrt(1 - m * m) / math.sqrt(n)
+  # bfloat16 spacing in [0.5, 1) (smaller below 0.5): 2**-8.
+  bound = stochastic_mean_bound(2.0**-8, m, n)
   for steps, want in exact.items():
     sr = run_to_one(
       jepa_ema.ema(m, dtype=jnp.bfloat16, rounding="stochastic", key=steps),
