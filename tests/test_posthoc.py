@@ -220,12 +220,14 @@ def test_reconstruct_dtypes_and_structure_errors():
 
 def test_reconstruct_keeps_shardings_on_eight_devices(on_eight_devices):
   result = on_eight_devices("sharded_posthoc.py")
-  assert result == {
-    "devices": 8,
-    "keeps": True,
-    "values_ok": True,
-    "collectives": [],
-  }
+  assert result["devices"] == 8
+  assert result["keeps"] is True
+  assert result["values_ok"] is True
+  # The programs the call compiled include the accumulation (a check that
+  # read no program would pass whatever the code does), and none of them
+  # holds a collective instruction.
+  assert any("_axpy" in p for p in result["programs"]), result["programs"]
+  assert result["collectives"] == 0
 
 
 # ------------------------------------------------------------------ on disk
