@@ -306,56 +306,68 @@ def test_killed_writer_is_reported_then_rewritten(tmp_path):
 
 
 def test_writer_killed_mid_save_never_loses_a_snapshot_silently(tmp_path):
-  """A real writer, SIGKILLed at whatever point of a save it has reached:
-  every snapshot folder is then either complete (and loads) or reported as
-  incomplete by name; after removing the reported ones, everything left
-  reconstructs."""
+  """A real writer, SIGKILLed at a known point of a save (a hook of the test
+  script: between the array data and the metadata of step 4's second width;
+  no timed wait): that snapshot, and only it, is reported incomplete by
+  name; the others load and reconstruct; a resumed writer rewrites it."""
+  import re
   import shutil
   import signal
-  import time
 
   script = pathlib.Path(__file__).parent / "scripts" / "posthoc_writer.py"
   directory = tmp_path / "snaps"
-  proc = subprocess.Popen(
-    [sys.executable, str(script), str(directory)],
-    stdout=subprocess.PIPE,
-    stderr=subprocess.DEVNULL,
-    text=True,
-    env={**os.environ, "JAX_PLATFORMS": "cpu"},
-  )
-  deadline = time.time() + 120
-  while time.time() < deadline:  # a few complete saves, then kill mid-run
-    line = proc.stdout.readline()
-    if line.startswith("saved 3"):
-      break
-  # Kill as soon as a save is under way (a folder without its metadata):
-  # usually inside it, sometimes just after it (both must be handled).
-  while time.time() < deadline:
-    if any(
-      p.is_dir() and not (p / "meta.json").exists() for p in directory.iterdir()
-    ):
-      break
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=30)
-  assert proc.returncode == -signal.SIGKILL
+
+  def size(d):
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+  def writer(*args):  # the timeout is a safety net, not a deadline
+    return subprocess.run(
+      [sys.executable, str(script), str(directory), *args],
+      capture_output=True,
+      text=True,
+      timeout=600,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+
+  killed = writer("6", "4-1")
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  partial = directory / "0000000004-01"
+  assert killed.stdout.split("\n")[-2:] == [
+    f"killed before {partial / 'meta.json'}",
+    "",
+  ]
+  # Its array data are written (as large as its complete twin's), its
+  # metadata are not.
+  assert not (partial / "meta.json").exists()
+  assert size(partial) > 0.9 * size(directory / "0000000004-00")
   snaps = jepa_ema.PostHocSnapshots(directory)
-  removed = 0
-  while True:
-    try:
-      entries = list(snaps)
-      break
-    except jepa_ema.SnapshotError as e:
-      assert "incomplete snapshot" in str(e), e
-      shutil.rmtree(pathlib.Path(str(e).split(" is an incomplete")[0]))
-      removed += 1
-  assert removed <= 2  # at most the two folders of the save in progress
-  steps = sorted({s for s, _, _ in entries})
-  assert len(steps) >= 3 and steps == list(range(1, len(steps) + 1))
+  incomplete = re.escape(str(partial)) + " is an incomplete snapshot"
+  with pytest.raises(jepa_ema.SnapshotError, match=incomplete):
+    list(snaps)
+  with pytest.raises(jepa_ema.SnapshotError, match=incomplete):
+    jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.07)
+  # Without it, nothing else is reported and everything left loads.
+  shutil.move(partial, tmp_path / "aside")
+  entries = list(snaps)
+  assert [(s, sigma) for s, sigma, _ in entries] == [
+    (s, sigma) for s in (1, 2, 3) for sigma in (0.05, 0.10)
+  ] + [(4, 0.05)]
   for _, _, load in entries:
     tree = load()
     assert set(tree) == {f"w{i}" for i in range(16)}
   out = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.07)
   assert out["w0"].shape == (256, 256)
+  # Put back and resumed, the writer rewrites it (and saves only what is
+  # missing).
+  shutil.move(tmp_path / "aside", partial)
+  resumed = writer("6")
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert resumed.stdout.split() == [
+    w for s in range(1, 7) for w in ("step", str(s), "wrote", str(s >= 4))
+  ]
+  entries = list(snaps)
+  assert [s for s, _, _ in entries] == [s for s in range(1, 7) for _ in "ab"]
+  assert set(entries[7][2]()) == {f"w{i}" for i in range(16)}  # 4, 0.10
 
 
 def test_damaged_and_mixed_up_directories(tmp_path):
