@@ -52,7 +52,9 @@ import functools
 import hashlib
 import json
 import math
+import os
 import pathlib
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -547,10 +549,41 @@ def _tree_digest(tree: Any) -> str:
   return h.hexdigest()
 
 
-class Checkpointer:
-  """orbax CheckpointManager + a config fingerprint that must match on resume."""
+def _kill_self() -> None:
+  """SIGKILLs this process, as ``kill -9`` would (test hook)."""
+  sys.stdout.flush()
+  os.kill(os.getpid(), signal.SIGKILL)
 
-  def __init__(self, directory: pathlib.Path, every: int, fingerprint: dict):
+
+def _killed_before_commit(ocp: Any, step: int) -> type:
+  """orbax's local temporary-path class, SIGKILLing the process when it is
+  about to commit checkpoint ``step``: its data are written, but its folder
+  still has its temporary name (test hook)."""
+
+  class KilledBeforeCommit(ocp.path.atomicity.AtomicRenameTemporaryPath):
+    async def finalize(self, *args, **kwargs):
+      if self.get_final().name == str(step):  # the step folder, not an item
+        _kill_self()
+      return await super().finalize(*args, **kwargs)
+
+  return KilledBeforeCommit
+
+
+class Checkpointer:
+  """orbax CheckpointManager + a config fingerprint that must match on resume.
+
+  ``kill_at`` is a test hook (``--test-kill-at``) for a real ``kill -9`` at a
+  known point: ``("after", n)`` SIGKILLs the process once checkpoint ``n``
+  is committed, ``("commit", n)`` inside the save of checkpoint ``n``, after
+  its data are written and before orbax commits them."""
+
+  def __init__(
+    self,
+    directory: pathlib.Path,
+    every: int,
+    fingerprint: dict,
+    kill_at: tuple[str, int] | None = None,
+  ):
     import orbax.checkpoint as ocp
 
     self._ocp = ocp
@@ -578,11 +611,12 @@ class Checkpointer:
     else:
       meta.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
     self.every = every
+    self.kill_at = kill_at
+    options = {"max_to_keep": 2, "enable_async_checkpointing": False}
+    if kill_at is not None and kill_at[0] == "commit":
+      options["temporary_path_class"] = _killed_before_commit(ocp, kill_at[1])
     self.mngr = ocp.CheckpointManager(
-      self.dir / "state",
-      options=ocp.CheckpointManagerOptions(
-        max_to_keep=2, enable_async_checkpointing=False
-      ),
+      self.dir / "state", options=ocp.CheckpointManagerOptions(**options)
     )
 
   def restore(self, abstract: TrainState) -> TrainState | None:
@@ -616,6 +650,9 @@ class Checkpointer:
       return  # e.g. a finished run resumed again: nothing new to save
     if final or step % self.every == 0:
       self.mngr.save(step, args=self._ocp.args.StandardSave(state), force=final)
+      if self.kill_at == ("after", step):
+        self.mngr.wait_until_finished()
+        _kill_self()
 
   def close(self) -> None:
     self.mngr.wait_until_finished()
@@ -633,7 +670,7 @@ def train_run(
   ckpt_dir: pathlib.Path | None = None,
   ckpt_every: int = 250,
   progress: bool = True,
-  step_delay: float = 0.0,
+  kill_at: tuple[str, int] | None = None,
   on_chunk: Callable[[TrainState], None] | None = None,
   keep_state: bool = False,
 ) -> dict[str, Any]:
@@ -641,7 +678,7 @@ def train_run(
 
   ``momentum`` is a ``--momentum`` spec or a schedule; ``on_chunk(state)`` is
   called after every compiled call; ``keep_state`` returns the final state
-  under ``"state"``."""
+  under ``"state"``; ``kill_at`` is the :class:`Checkpointer`'s test hook."""
   from tqdm.auto import tqdm
 
   model = build(shared_key(cfg))
@@ -657,7 +694,9 @@ def train_run(
         default=repr,
       )
     )
-    checkpointer = Checkpointer(ckpt_dir / name, ckpt_every, fingerprint)
+    checkpointer = Checkpointer(
+      ckpt_dir / name, ckpt_every, fingerprint, kill_at
+    )
     abstract = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state
     )
@@ -695,7 +734,6 @@ def train_run(
   if step == 0:
     state = with_emb_std(state, 0)
   for stop in sorted(s for s in stops if s > start):
-    done = stop - step
     state, losses = model.train_chunk(
       state, momenta, x_train, length=stop - step
     )
@@ -712,8 +750,6 @@ def train_run(
       on_chunk(state)
     if checkpointer is not None and step < cfg.steps:
       checkpointer.maybe_save(state)  # the last step is saved with its curves
-    if step_delay:
-      time.sleep(step_delay * done)
   bar.close()
   if checkpointer is not None:
     checkpointer.maybe_save(state, final=True)
@@ -1013,6 +1049,16 @@ def run_sweep(
 # ----------------------------------------------------------------------- main
 
 
+def _kill_point(spec: str) -> tuple[str, int]:
+  """``--test-kill-at``: ``after:N`` or ``commit:N``."""
+  when, _, step = spec.partition(":")
+  if when not in ("after", "commit") or not step.isdigit():
+    raise argparse.ArgumentTypeError(
+      f"expected after:STEP or commit:STEP, got {spec!r}"
+    )
+  return when, int(step)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   p = argparse.ArgumentParser(
     description=__doc__.split("\n\n")[0],
@@ -1067,9 +1113,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     default=[0, 1, 2],
     help="seeds of --sweep (default 0 1 2)",
   )
-  p.add_argument(
-    "--step-delay", type=float, default=0.0, help=argparse.SUPPRESS
-  )  # tests: slow down to kill mid-run
+  p.add_argument(  # tests: SIGKILL at a known point (see Checkpointer)
+    "--test-kill-at",
+    type=_kill_point,
+    default=None,
+    metavar="{after,commit}:STEP",
+    help=argparse.SUPPRESS,
+  )
   args = p.parse_args(argv)
 
   steps = (
@@ -1122,7 +1172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
       args.checkpoint_dir,
       args.checkpoint_every,
       not args.no_progress,
-      args.step_delay,
+      args.test_kill_at,
     )
     results["runs"][run] = res
     label = (

@@ -9,7 +9,6 @@ import runpy
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -106,7 +105,23 @@ COMMON = [
 ]
 
 
+def _state_dir(run_dir):
+  """The names in a demo run's orbax directory: committed steps (ints) and
+  anything else (a checkpoint killed before its commit)."""
+  names = [p.name for p in (run_dir / "ema" / "state").iterdir()]
+  steps = sorted(int(n) for n in names if n.isdigit())
+  return steps, sorted(n for n in names if not n.isdigit())
+
+
+def _size(directory):
+  return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
 def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
+  """A real SIGKILL at two known points of the checkpoint writer (the demo's
+  test hook --test-kill-at: no timed wait), then a resume that ends
+  bit-identical to an uninterrupted run."""
+  ck = ["--checkpoint-dir", str(tmp_path / "b"), "--out-dir"]
   # Uninterrupted reference run.
   ref = _run_demo(
     [
@@ -119,46 +134,32 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
     env,
   )
   assert ref.returncode == 0, ref.stderr[-3000:]
-  # The same run, killed (SIGKILL) once a few checkpoints exist ...
-  proc = subprocess.Popen(
-    [
-      sys.executable,
-      str(DEMO),
-      *COMMON,
-      "--checkpoint-dir",
-      str(tmp_path / "b"),
-      "--out-dir",
-      str(tmp_path / "out_b"),
-      "--step-delay",
-      "0.05",
-    ],
-    env=env,
-    stdout=subprocess.DEVNULL,
-    stderr=subprocess.DEVNULL,
-  )
-  state_dir = tmp_path / "b" / "ema" / "state"
-  deadline = time.time() + 180
-  while time.time() < deadline:
-    steps = [int(p.name) for p in state_dir.glob("*") if p.name.isdigit()]
-    if steps and max(steps) >= 20:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(timeout=30)
-  assert proc.returncode == -signal.SIGKILL, "the run ended before the kill"
-  # ... then resumed from the same directory.
-  resumed = _run_demo(
-    [
-      *COMMON,
-      "--checkpoint-dir",
-      str(tmp_path / "b"),
-      "--out-dir",
-      str(tmp_path / "out_b"),
-    ],
+  # Killed right after checkpoint 20 is committed ...
+  killed = _run_demo(
+    [*COMMON, *ck, str(tmp_path / "out_b"), "--test-kill-at", "after:20"],
     env,
   )
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert _state_dir(tmp_path / "b") == ([10, 20], [])
+  # ... resumed, and killed inside the save of checkpoint 30: its data are
+  # written, its commit is not. It is left behind as an incomplete folder
+  # that orbax does not list ...
+  killed = _run_demo(
+    [*COMMON, *ck, str(tmp_path / "out_b"), "--test-kill-at", "commit:30"],
+    env,
+  )
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+  assert "resumed from step 20" in killed.stdout
+  steps, partial = _state_dir(tmp_path / "b")
+  assert steps == [10, 20]
+  assert len(partial) == 1 and partial[0].startswith("30."), partial
+  state_dir = tmp_path / "b" / "ema" / "state"
+  assert _size(state_dir / partial[0]) > 0.9 * _size(state_dir / "20")
+  # ... so the next run resumes from 20 and rewrites 30.
+  resumed = _run_demo([*COMMON, *ck, str(tmp_path / "out_b")], env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resumed from step" in resumed.stdout
+  assert "resumed from step 20" in resumed.stdout
+  assert _state_dir(tmp_path / "b") == ([50, 60], [])  # max_to_keep=2
   a = json.loads((tmp_path / "out_a" / "ijepa_digits.json").read_text())
   b = json.loads((tmp_path / "out_b" / "ijepa_digits.json").read_text())
   ra, rb = a["runs"]["ema"], b["runs"]["ema"]
@@ -166,16 +167,7 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
   assert ra["curves"]["loss"] == rb["curves"]["loss"]
   assert ra["metrics"] == rb["metrics"]
   # Rerunning a finished run resumes at the end and changes nothing.
-  again = _run_demo(
-    [
-      *COMMON,
-      "--checkpoint-dir",
-      str(tmp_path / "b"),
-      "--out-dir",
-      str(tmp_path / "out_c"),
-    ],
-    env,
-  )
+  again = _run_demo([*COMMON, *ck, str(tmp_path / "out_c")], env)
   assert again.returncode == 0 and "resumed from step 60" in again.stdout
   c = json.loads((tmp_path / "out_c" / "ijepa_digits.json").read_text())
   assert c["runs"]["ema"]["final_state_sha256"] == ra["final_state_sha256"]
