@@ -19,11 +19,24 @@ def clipped(t, o, m):
   return jnp.where(a == 0, t, jnp.where(a == 1, o, mixed))
 
 
-def two_sided(t, o, m):  # what jepa_ema uses
+def two_sided(t, o, m):  # what jepa_ema used until the overflow fix
   a = 1 - m
   near = a <= 0.5
   base, far = jnp.where(near, t, o), jnp.where(near, o, t)
   mixed = base + jnp.where(near, a, m) * (far - base)
+  return jnp.where(a == 0, t, jnp.where(a == 1, o, mixed))
+
+
+def two_sided_safe(t, o, m):  # what jepa_ema uses (see _kernel.lerp)
+  a = 1 - m
+  near = a <= 0.5
+  base, far = jnp.where(near, t, o), jnp.where(near, o, t)
+  w = jnp.where(near, a, m)
+  d = far - base
+  big = jnp.isinf(d)  # o - t overflowed: halve both (exact), double w
+  d = jnp.where(big, far * 0.5 - base * 0.5, d)
+  mixed = base + jnp.where(big, w + w, w) * d
+  mixed = jnp.where(d == 0, base, mixed)
   return jnp.where(a == 0, t, jnp.where(a == 1, o, mixed))
 
 
@@ -47,7 +60,7 @@ def main():
   m = jnp.float32(0.996)
   fns = {
     f.__name__: jax.jit(f, donate_argnums=0)
-    for f in (clipped, two_sided, plain, add)
+    for f in (clipped, two_sided, two_sided_safe, plain, add)
   }
   ts = {k: jnp.asarray(t0) for k in fns}
   for k, f in fns.items():

@@ -7,6 +7,7 @@ predicate, the dtype rule, the momentum's defined value, half-precision
 rounding, real steps) are tested where they have more cases than a row.
 """
 
+import functools
 import warnings
 
 import chex
@@ -15,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from inputs_table import run_to_one, stochastic_mean_bound
 from jax.experimental import checkify
@@ -178,13 +179,24 @@ def check_output(target, online, out, m, stochastic=False):
       o_down, o_up = _outward(o, want)
     parts = (np.real, np.imag) if np.iscomplexobj(yv) else (np.real,)
     eps = float(jnp.finfo(want).eps) * (2 if stochastic else 1)
+    # Absolute: a subnormal spacing of a half dtype (rounded from float32),
+    # float32's smallest normal where XLA:CPU may flush to zero.
+    fin = jnp.finfo(np.real(np.empty(0, want)).dtype)
+    floor = float(fin.smallest_subnormal if half else fin.tiny) * 2
     for part in parts:
-      lo = np.minimum(part(tv), np.minimum(part(o_down), part(o_up)))
-      hi = np.maximum(part(tv), np.maximum(part(o_down), part(o_up)))
+      ends = [part(tv), part(o_down), part(o_up)]
+      ends += [_flushed(e, want) for e in ends]  # XLA:CPU may flush
+      lo, hi = np.minimum.reduce(ends), np.maximum.reduce(ends)
       assert np.all((part(yv) >= lo) & (part(yv) <= hi)), (t, o, y, m)
       ref = m * part(tv) + (1 - m) * part(ov)
-      tol = eps * (np.abs(part(tv)) + np.abs(part(ov))) + 1e-30
+      tol = eps * (np.abs(part(tv)) + np.abs(part(ov))) + floor
       assert np.all(np.abs(part(yv) - ref) <= tol), (t, o, y, m)
+
+
+def _flushed(x, dtype):
+  """``x`` with the subnormals of ``dtype`` read as zero."""
+  tiny = float(jnp.finfo(np.real(np.empty(0, dtype)).dtype).tiny)
+  return np.where(np.abs(x) < tiny, 0.0, x)
 
 
 def _outward(o, dtype):
@@ -211,7 +223,54 @@ momenta = st.one_of(
 )
 
 
+def _corner_trees():
+  """Known corners, pinned as explicit examples of the property tests:
+  ``o - t`` beyond the range of the blend's dtype (float32, and so bfloat16
+  and complex64 too), subnormals, signed zeros."""
+  big = float(np.finfo(np.float32).max)
+  sub = float(np.finfo(np.float32).smallest_subnormal)
+  f32 = lambda *v: jnp.array(v, jnp.float32)
+  bf16 = lambda *v: jnp.array(v, jnp.bfloat16)
+  f16 = lambda *v: jnp.array(v, jnp.float16)
+  overflow = (
+    {
+      "f32": f32(big, -3e38, 1.7e38),
+      "bf16": bf16(3e38, -3.3e38),
+      "c64": jnp.array([3e38 - 3e38j], jnp.complex64),
+      "f16": f16(65504.0, -65504.0),
+    },
+    {
+      "f32": f32(-big, 3e38, -1.7e38),
+      "bf16": bf16(-3e38, 3.3e38),
+      "c64": jnp.array([-3e38 + 3e38j], jnp.complex64),
+      "f16": f16(-65504.0, 65504.0),
+    },
+  )
+  subnormal = (
+    {"f32": f32(sub, 3e-39, -1e-40), "f16": f16(6e-8, 3e-5, -6e-8)},
+    {"f32": f32(3 * sub, 1e-39, 1e-40), "f16": f16(1.2e-7, 6e-8, 0.0)},
+  )
+  zeros = (
+    {"f32": f32(-0.0, 0.0, -0.0), "bf16": bf16(-0.0, 0.0)},
+    {"f32": f32(0.0, -0.0, -0.0), "bf16": bf16(-0.0, -0.0)},
+  )
+  return overflow, subnormal, zeros
+
+
+CORNERS = _corner_trees()
+
+
+def with_corners(test, extra=None):
+  """``test`` with every corner tree as an explicit example at m = 0.3, 0.5
+  and 0.999 (``extra``: more keyword arguments of the examples)."""
+  for trees in CORNERS:
+    for m in (0.3, 0.5, 0.999):
+      test = example(trees=trees, m=m, **(extra or {}))(test)
+  return test
+
+
 @given(trees=mixed_trees(), m=momenta, x64=st.booleans())
+@functools.partial(with_corners, extra={"x64": False})
 def test_property_mixed_trees(trees, m, x64):
   target, online = trees
   with jax.enable_x64(x64):
@@ -224,6 +283,7 @@ def test_property_mixed_trees(trees, m, x64):
 
 
 @given(trees=mixed_trees(), m=momenta)
+@with_corners
 def test_property_mixed_trees_through_ema(trees, m):
   """The stateful wrapper follows the same rules (its target is a copy of
   the params at init), and counts a non-finite momentum as skipped."""
@@ -240,6 +300,7 @@ def test_property_mixed_trees_through_ema(trees, m):
 
 
 @given(trees=mixed_trees(), m=momenta, key=st.integers(0, 2**31 - 1))
+@functools.partial(with_corners, extra={"key": 7})
 def test_property_mixed_trees_stochastic_rounding(trees, m, key):
   """With rounding="stochastic" the same rules hold, half-precision leaves
   rounded to one of the two neighbours of the blend (outward at most); a
@@ -491,7 +552,10 @@ def test_precision_warning_sees_a_warmup_that_starts_at_zero():
     )
 
 
-def test_make_ema_update_warns_on_its_first_call_only():
+def test_make_ema_update_warns_on_its_first_and_each_compiling_call():
+  """One function: warns on its first call, not on calls that reuse the
+  compiled program, again on a call that compiles (a new shape), and not on
+  a compiling call whose target is safe (float32)."""
   fn = jepa_ema.make_ema_update(0.999)
   t16 = {"w": jnp.zeros(3, jnp.float16)}
   with pytest.warns(jepa_ema.PrecisionWarning, match="float16"):
@@ -500,8 +564,15 @@ def test_make_ema_update_warns_on_its_first_call_only():
     warnings.simplefilter("error")
     for step in (1, 2):  # no new compilation: no new check
       t16 = fn(t16, {"w": jnp.ones(3, jnp.float16)}, step)
-    t32 = {"w": jnp.zeros(3)}  # a new compilation, checked: float32 is safe
-    jepa_ema.make_ema_update(0.999)(t32, {"w": jnp.ones(3)}, 0)
+  before = fn._cache_size()
+  with pytest.warns(jepa_ema.PrecisionWarning, match="bfloat16"):
+    fn({"w": jnp.zeros(5, jnp.bfloat16)}, {"w": jnp.ones(5, jnp.bfloat16)}, 3)
+  assert fn._cache_size() == before + 1  # that call compiled
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    fn({"w": jnp.zeros(3)}, {"w": jnp.ones(3)}, 4)  # compiles; float32 is safe
+    fn({"w": jnp.zeros(5, jnp.bfloat16)}, {"w": jnp.ones(5, jnp.bfloat16)}, 5)
+  assert fn._cache_size() == before + 2
 
 
 def test_no_precision_warning_when_the_target_is_safe():
