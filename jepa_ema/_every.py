@@ -16,7 +16,7 @@ import numpy as np
 from jepa_ema import _kernel
 from jepa_ema import schedules as _schedules
 
-__all__ = ["check_every", "window_momentum"]
+__all__ = ["check_every", "window_momentum", "exact_product"]
 
 
 def check_every(every: Any) -> int:
@@ -35,9 +35,10 @@ def window_momentum(
 ) -> tuple[jax.Array, jax.Array]:
   """``prod(schedule(s))`` over the ``every`` steps that end at ``step``.
 
-  Computed as ``exp(sum(log1p(-(1 - m_s))))``: ``1 - m_s`` is exact in float32
-  for ``m_s >= 1/2`` and log1p keeps the small step sizes accurate, so the
-  effective momentum is within one float32 rounding of the exact product.
+  The product is accumulated in double-float32 arithmetic
+  (:func:`exact_product`: error below ``every * 2**-44`` relative) and rounded
+  to float32 once, so the effective momentum is the exact product of the
+  float32 momenta to one float32 rounding (half an ulp, and the rest).
   Traced momenta get their defined values first
   (:func:`jepa_ema._kernel.sanitize_momentum`: a non-finite one counts as 1,
   exactly what the per-step EMA would do on that step). Returns the product
@@ -65,4 +66,55 @@ def window_momentum(
   else:
     ms, finites = _kernel.sanitize_momentum(ms, step)
     finite = jnp.all(finites)
-  return jnp.exp(jnp.sum(jnp.log1p(-(1.0 - ms)))).astype(jnp.float32), finite
+  return exact_product(ms), finite
+
+
+def _split(a: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``a = hi + lo`` with 12-bit ``hi`` and ``lo`` (Veltkamp; ``|a| <= 1``)."""
+  c = jnp.float32(4097.0) * a  # 2**12 + 1
+  hi = c - (c - a)
+  return hi, a - hi
+
+
+def _two_product(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``a * b = p + e`` exactly in float32 (Dekker's product, no FMA needed)."""
+  p = a * b
+  ah, al = _split(a)
+  bh, bl = _split(b)
+  e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+  return p, e
+
+
+def exact_product(ms: jax.Array) -> jax.Array:
+  """``prod(ms)`` of float32 values in ``[0, 1]``, rounded to float32 once.
+
+  The running product is kept as an unevaluated sum ``hi + lo`` of two
+  float32 numbers (double-float32, about 46 significant bits): each factor
+  multiplies it with Dekker's error-free product, and the pair is
+  renormalised. Each step adds a relative error below ``2**-44``, so the
+  result is the exact product rounded to nearest, up to ``len(ms) * 2**-44``
+  relative (an exact tie can round either way). Products in the subnormal
+  range lose this precision (XLA:CPU flushes them); a plain float32 product
+  (or ``exp(sum(log(m)))``) is off by up to ``len(ms)`` roundings instead.
+
+  Examples:
+    >>> import jax.numpy as jnp, numpy as np
+    >>> ms = jnp.full(8, 0.9999, jnp.float32)
+    >>> exact = np.prod(np.full(8, np.float32(0.9999), np.float64))
+    >>> bool(exact_product(ms) == np.float32(exact))
+    True
+  """
+  ms = jnp.asarray(ms, jnp.float32)
+
+  def mul(
+    i: jax.Array, acc: tuple[jax.Array, jax.Array]
+  ) -> tuple[jax.Array, jax.Array]:
+    hi, lo = acc
+    p, e = _two_product(hi, ms[i])
+    e = e + lo * ms[i]
+    s = p + e  # fast two-sum: |p| >= |e|
+    return s, e - (s - p)
+
+  one, zero = jnp.float32(1.0), jnp.float32(0.0)
+  hi, lo = jax.lax.fori_loop(0, ms.shape[0], mul, (one, zero))
+  return (hi + lo).astype(jnp.float32)

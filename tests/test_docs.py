@@ -106,9 +106,28 @@ def test_posthoc_page_block(tmp_path, monkeypatch):
   assert ns["x"].shape == (6,) and ns["x"].sum() == pytest.approx(1.0)
 
 
+def _nearest_reference(dtype, m=0.999, steps=2000):
+  """float32 blend rounded to ``dtype`` (to nearest) each step, from 0
+  towards 1, in NumPy (ml_dtypes): independent of jepa_ema's code."""
+  import ml_dtypes
+
+  dt = {"bf16": ml_dtypes.bfloat16, "f16": np.float16}[dtype]
+  a = np.float32(1) - np.float32(m)
+  t = np.zeros((), dt)
+  for _ in range(steps):
+    t32 = np.float32(t)
+    t = np.asarray(t32 + a * (np.float32(1) - t32)).astype(dt)
+  return float(t)
+
+
 def test_half_precision_page_prints_what_it_says(capsys):
-  """The bf16 / float16 page's printed table is what its block prints, and
-  the round-to-nearest runs warn at init."""
+  """The bf16 / float16 page's printed table is what its block prints, the
+  round-to-nearest runs warn at init, and every printed figure matches a
+  reference computed independently: the float64 EMA ``1 - 0.999**2000``,
+  a NumPy simulation of round-to-nearest (where the target stalls), and the
+  exact EMA within 6 standard errors for the stochastic runs."""
+  from inputs_table import stochastic_mean_bound
+
   block = _block("f16 target, stochastic", "howto/bf16.md")
   text = (ROOT / "docs" / "howto" / "bf16.md").read_text()
   said = re.search(r"prints\n\n```\n(.*?)```", text, flags=re.S).group(1)
@@ -116,6 +135,15 @@ def test_half_precision_page_prints_what_it_says(capsys):
     exec(compile(block, "bf16.md", "exec"), {})  # pylint: disable=exec-used
   assert len(caught) == 2  # the two round-to-nearest half-precision runs
   assert capsys.readouterr().out == said
+  exact = 1 - 0.999**2000
+  rows = dict(re.findall(r"^ *(.+?): (\d\.\d{4})  \(exact", said, flags=re.M))
+  assert re.findall(r"\(exact: (\d\.\d{4})\)", said) == [f"{exact:.4f}"] * 5
+  for kind in ("bf16", "f16"):
+    assert rows[f"{kind} target, nearest"] == f"{_nearest_reference(kind):.4f}"
+  assert abs(float(rows["f32 target"]) - exact) <= 5e-5 + 1e-5
+  for kind, ulp in (("bf16", 2.0**-8), ("f16", 2.0**-11)):
+    got = float(rows[f"{kind} target, stochastic"])
+    assert abs(got - exact) <= stochastic_mean_bound(ulp, 0.999, 4096) + 5e-5
 
 
 DOCS = sorted((ROOT / "docs").rglob("*.md"))

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import assume, example, given
+from hypothesis import strategies as st
 from inputs_table import run_to_one, stochastic_mean_bound
 
 import jepa_ema
@@ -103,6 +105,48 @@ def test_every_matches_float64_product_momentum(momentum, every, maybe_jit):
     if every > 1
     else int(seq[-1]["n"])
   )
+
+
+def _window_momentum_seen(table, every):
+  """The window momentum ``ema(every=k)`` applies, read off exactly: a
+  target of 1 moved towards 0 becomes the momentum M bitwise (``1 - (1 - M)``
+  is exact for M >= 1/2, ``0 + M * 1`` below)."""
+  ms = jnp.asarray(table, jnp.float32)
+  ema = jepa_ema.ema(lambda step: ms[step], every=every)
+  update = jax.jit(ema.update)
+  state = ema.init({"w": jnp.float32(1.0)})
+  for _ in range(every):
+    state = update({"w": jnp.float32(0.0)}, state)
+  return np.float64(state.target["w"])
+
+
+# Correctly rounded wherever it matters: below 2**-24, 1 - M rounds to 1 in
+# float32, so the update copies the online values whatever M is (and M is
+# not observable); below 2**-100 the product also loses its precision (its
+# low part is subnormal, which XLA:CPU flushes).
+window_tables = st.integers(1, 64).flatmap(
+  lambda k: st.lists(st.floats(0.0, 1.0, width=32), min_size=k, max_size=k)
+)
+
+
+@given(table=window_tables)
+@example(table=[0.9999] * 8)
+@example(table=[1.0] * 5)
+@example(table=[1.0, 0.0, 1.0])
+@example(table=[0.5] * 24)  # exact: 2**-24
+@example(table=[1.0 - 2.0**-24] * 3)  # the largest momentum below 1
+@example(table=[0.3, 0.2, 0.7, 0.01])  # below 1/2: 353 ulps off before
+@example(table=[0.999, 0.5000001, 0.75, 0.9, 0.6, 0.99, 0.8, 0.51])
+def test_every_window_momentum_is_the_product_to_one_rounding(table):
+  """The window's momentum is the exact product of the float32 momenta,
+  rounded once to float32: within half an ulp (up to 2**-40 relative)."""
+  exact = float(np.prod(np.asarray(table, np.float32).astype(np.float64)))
+  assume(exact == 0.0 or exact >= 2.0**-24)
+  got = _window_momentum_seen(table, len(table))
+  half_ulp = 0.5 * float(np.spacing(np.float32(exact)))
+  assert abs(got - exact) <= half_ulp + exact * 2.0**-40, (got, exact)
+  if exact in (0.0, 1.0):
+    assert got == exact
 
 
 @pytest.mark.parametrize("every", [2, 4, 8])

@@ -162,7 +162,9 @@ def test_reconstruction_on_a_random_walk_beats_the_tracked_profiles():
       np.linalg.norm(np.asarray(state[i].target["w"]) - truth) for i in range(2)
     )
     ratios.append(err / nearest)
-  assert max(ratios) < 1e-3, ratios
+  # The quoted figures with a margin of 25 % (float32 summation order may
+  # differ across machines; a wrong coefficient costs orders of magnitude).
+  assert ratios[0] < 8.7e-5 * 1.25 and ratios[1] < 8.3e-5 * 1.25, ratios
 
 
 # --------------------------------------------------------------- streaming
