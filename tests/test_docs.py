@@ -146,6 +146,36 @@ def test_half_precision_page_prints_what_it_says(capsys):
     assert abs(got - exact) <= stochastic_mean_bound(ulp, 0.999, 4096) + 5e-5
 
 
+def test_every_guarantee_names_tests_that_exist():
+  import guarantee_pins
+
+  assert guarantee_pins.problems() == []
+  named = guarantee_pins.pins(guarantee_pins.PAGE.read_text())
+  assert len(named) >= 30  # the page is parsed, not skipped
+
+
+def test_guarantee_pins_fail_on_a_missing_test_or_an_unpinned_promise():
+  import guarantee_pins
+
+  page = guarantee_pins.PAGE.read_text()
+  renamed = page.replace(
+    "test_property_fixed_point`", "test_property_fixed_pointless`", 1
+  )
+  assert guarantee_pins.problems(renamed) == [
+    "tests/test_update.py::test_property_fixed_pointless is named on the "
+    "page but does not exist"
+  ]
+  unpinned = page.replace(
+    "  `tests/test_update.py::test_property_fixed_point`.", "", 1
+  ).replace("no drift from rounding. *Pinned by*", "no drift from rounding.")
+  found = guarantee_pins.problems(unpinned)
+  assert len(found) == 1 and "A converged target stays put" in found[0]
+  row = "| `tests/test_sharding.py::test_mismatch_is_reported` |"
+  assert guarantee_pins.problems(page.replace(row, "| |"))[0].startswith(
+    "Reported: no test pins"
+  )
+
+
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
 
 

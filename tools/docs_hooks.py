@@ -3,7 +3,8 @@
 * ``api.md`` must document every public name of jepa_ema.
 * ``guarantees.md`` must hold the current table of odd inputs, as
   ``tests/inputs_table.py`` renders it (``python tests/inputs_table.py
-  --write`` regenerates it).
+  --write`` regenerates it), and every promise on it must name the tests
+  that pin it, tests that exist (``tests/guarantee_pins.py``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from mkdocs.exceptions import PluginError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _inputs_table() -> Any:
-  path = ROOT / "tests" / "inputs_table.py"
-  spec = importlib.util.spec_from_file_location("inputs_table", path)
+def _tests_module(name: str) -> Any:
+  path = ROOT / "tests" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
   assert spec is not None and spec.loader is not None
   module = importlib.util.module_from_spec(spec)
   sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -31,12 +32,15 @@ def _inputs_table() -> Any:
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
   if page.file.src_uri == "guarantees.md":
-    table = _inputs_table()
+    table = _tests_module("inputs_table")
     if table.current() != table.render():
       raise PluginError(
         "docs/guarantees.md: the table of odd inputs is stale; run "
         "python tests/inputs_table.py --write"
       )
+    found = _tests_module("guarantee_pins").problems(markdown)
+    if found:
+      raise PluginError("docs/guarantees.md: " + "; ".join(found))
     return markdown
   if page.file.src_uri != "api.md":
     return markdown
