@@ -11,6 +11,7 @@ assert "xla_force_host_platform_device_count=8" in os.environ.get(
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -24,9 +25,18 @@ COLLECTIVES = re.compile(
 
 
 def collectives(compiled) -> list[str]:
-  return sorted(
-    set(m.group(1) for m in COLLECTIVES.finditer(compiled.as_text()))
+  """The kind of every collective instruction of ``compiled``, sorted: one
+  entry per instruction, so the list's length is their count."""
+  return sorted(m.group(1) for m in COLLECTIVES.finditer(compiled.as_text()))
+
+
+def scalar_collectives(compiled) -> bool:
+  """Whether every collective instruction of ``compiled`` moves scalars only
+  (its result type, possibly a tuple, has no dimensions)."""
+  types = re.findall(
+    r"= (\S.*?) " + COLLECTIVES.pattern, compiled.as_text(), re.MULTILINE
   )
+  return all(not any(re.findall(r"\[([^\]]+)\]", t[0])) for t in types)
 
 
 def same(a, b) -> bool:
@@ -107,12 +117,29 @@ out["make_ema_update_collectives"] = collectives(
 t2 = fn(jax.tree.map(jnp.copy, params), online, 0)
 out["make_ema_update_keeps"] = all(same(t2[k], params[k]) for k in params)
 
-# skip_nonfinite needs one scalar reduction over all devices (the NaN check).
+# skip_nonfinite needs a scalar reduction over all devices (the NaN check).
 skipper = jepa_ema.ema(0.9, skip_nonfinite=True)
 s_skip = skipper.init(params)
-out["skip_nonfinite_collectives"] = collectives(
-  jax.jit(skipper.update).lower(online, s_skip).compile()
+c_skip = jax.jit(skipper.update).lower(online, s_skip).compile()
+out["skip_nonfinite_collectives"] = collectives(c_skip)
+out["skip_nonfinite_scalar"] = scalar_collectives(c_skip)
+out["sharded_leaves"] = sum(any(e is not None for e in specs[k]) for k in specs)
+# ... and it sees a NaN or an Inf in any leaf, on whichever device holds it.
+skip_update = jax.jit(skipper.update)
+s_good = skip_update(online, s_skip)
+skips_ok = int(s_good.skipped) == 0 and all(
+  jnp.allclose(s_good.target[k], 0.9 * params[k] + 0.1 * online[k], atol=1e-6)
+  for k in params
 )
+for i, k in enumerate(params):
+  value = jax.device_get(online[k]).copy()
+  value.reshape(-1)[-1] = (np.nan, np.inf)[i % 2]
+  bad = {**online, k: jax.device_put(value, online[k].sharding)}
+  s_bad = skip_update(bad, s_skip)
+  skips_ok &= int(s_bad.skipped) == 1 and all(
+    bool(jnp.array_equal(s_bad.target[j], s_skip.target[j])) for j in params
+  )
+out["skip_nonfinite_values_ok"] = bool(skips_ok)
 
 # The options of ema(): every=k, several momenta, drift, stochastic bf16.
 bf16_params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
@@ -154,7 +181,9 @@ for name, (opt_ema, p0, o0) in OPTIONS.items():
     for k in p0
   )
   upd = jax.jit(opt_ema.update, donate_argnums=1)
-  out[f"{name}_collectives"] = collectives(upd.lower(o0, s0).compile())
+  c_opt = upd.lower(o0, s0).compile()
+  out[f"{name}_collectives"] = collectives(c_opt)
+  out[f"{name}_scalar"] = scalar_collectives(c_opt)
   s1 = s0
   for _ in range(4):
     s1 = upd(o0, s1)
