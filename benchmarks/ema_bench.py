@@ -16,6 +16,8 @@ Variants (each one EMA step of a whole parameter tree):
                                  function (K updates in a ``fori_loop``): the
                                  in-graph cost, dispatch paid once per step;
 * ``flat buffer in train step``  the same on one flat buffer of the same size;
+* ``two-sided lerp, unguarded``  jepa_ema's kernel before its overflow and
+                                 equal-value guards (donated): their cost;
 * ``jit tree_map (no donation)``, ``eager tree_map``,
   ``optax.incremental_update (jit)``: what users write by hand;
 * ``torch _foreach_lerp_`` / ``torch mul_+add_ (I-JEPA)`` when torch imports;
@@ -372,6 +374,24 @@ class JitTreeMapDonate(JitTreeMapNoDonate):
     jax.block_until_ready(self.target)
 
 
+class UnguardedLerp(JitTreeMapDonate):
+  """jepa_ema's kernel before the overflow fix (the two-sided lerp without
+  the overflow and equal-value selects), donated: what the guards cost."""
+
+  name = "two-sided lerp, unguarded (donated)"
+
+  def setup(self, tree):
+    super().setup(tree)
+    jax, jnp = _jax()
+    from kernel_formulas import two_sided
+
+    m = jnp.float32(MOMENTUM)
+    self.fn = jax.jit(
+      lambda t, o: jax.tree.map(lambda a, b: two_sided(a, b, m), t, o),
+      donate_argnums=0,
+    )
+
+
 class EagerTreeMap(JitTreeMapNoDonate):
   name = "eager tree_map"
 
@@ -477,6 +497,7 @@ def all_variants() -> list[type[Variant]]:
     JepaInStep,
     FlatInStep,
     JitTreeMapDonate,
+    UnguardedLerp,
     JitTreeMapNoDonate,
     OptaxIncremental,
     EagerTreeMap,
