@@ -408,6 +408,24 @@ def test_skip_nonfinite_sees_complex_nan_and_huge_finite_values():
   np.testing.assert_array_equal(state.target["z"], big / 2)
 
 
+@pytest.mark.parametrize(
+  "dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2, jnp.bfloat16, jnp.float16]
+)
+def test_skip_nonfinite_on_narrow_params(dtype):
+  """float8_e4m3fn has no Inf: a NaN check written as ``max|x| < inf``
+  compared with NaN and skipped every update. Finite params of every narrow
+  dtype update; a NaN in them is skipped."""
+  ema = jepa_ema.ema(0.5, skip_nonfinite=True, dtype=jnp.float32)
+  state = ema.init({"w": jnp.zeros(3, dtype)})
+  big = float(jnp.finfo(dtype).max)
+  state = ema.update({"w": jnp.array([1.0, big, -big], dtype)}, state)
+  assert int(state.skipped) == 0
+  np.testing.assert_array_equal(state.target["w"], [0.5, big / 2, -big / 2])
+  state = ema.update({"w": jnp.array([1.0, np.nan, 0.0], dtype)}, state)
+  assert int(state.skipped) == 1
+  np.testing.assert_array_equal(state.target["w"], [0.5, big / 2, -big / 2])
+
+
 def test_posthoc_reconstructs_complex_leaves():
   a = {"z": jnp.array([1 + 1j], jnp.complex64), "n": jnp.array(3)}
   b = {"z": jnp.array([3 - 1j], jnp.complex64), "n": jnp.array(4)}
