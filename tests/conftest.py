@@ -32,12 +32,16 @@ collect_ignore = ["scripts"]
 #   the profile never suppresses or skips one (no ``suppress_health_check``,
 #   no database of known failures: ``database=None``).
 # * "thorough": 20,000 random (not derandomized) examples per test, for a
-#   search run by hand: HYPOTHESIS_PROFILE=thorough pytest -k property.
+#   search run by hand: HYPOTHESIS_PROFILE=thorough pytest -k property
+#   (HYPOTHESIS_MAX_EXAMPLES sets another number).
 settings.register_profile(
   "ci", max_examples=60, deadline=None, derandomize=True, database=None
 )
 settings.register_profile(
-  "thorough", max_examples=20_000, deadline=None, database=None
+  "thorough",
+  max_examples=int(os.environ.get("HYPOTHESIS_MAX_EXAMPLES", "20000")),
+  deadline=None,
+  database=None,
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

@@ -367,7 +367,13 @@ def test_scale_momentum_bad_types():
     jepa_ema.scale_momentum(1.5, 2.0)
 
 
-@settings(max_examples=40)
+# 40 of the CI profile's 60 examples (each runs up to 960 eager updates);
+# every example of the thorough profile.
+@settings(
+  max_examples=min(40, settings.default.max_examples)
+  if settings.default.derandomize
+  else settings.default.max_examples
+)
 @given(
   m=st.floats(0.5, 0.9999),
   n=st.integers(1, 60),
