@@ -106,6 +106,66 @@ class EmaTransformation(NamedTuple):
     """
     return jax.jit(self.update, donate_argnums=(1,) if donate else ())
 
+  def momentum(self, state_or_step: Any) -> Any:
+    """The momentum an update applies, for logging.
+
+    Given the state (an :class:`EmaState`, or the tuple of them), the
+    momentum of its **last** update: update ``state.step - 1``. Given a step
+    ``t``, the momentum update ``t`` (counted from 0) applies. That is
+    ``schedule(t)``, with ``every=k`` the window's product on update steps
+    and 1 on the steps in between (the target does not move). A traced
+    momentum gets its defined value (NaN counts as 1); an update dropped by
+    ``skip_nonfinite`` is not seen here, but counted in ``state.skipped``.
+    It reads only the step, so it also reads a :func:`track_ema` state built
+    with the same momentum and options.
+
+    Args:
+      state_or_step: the state after some updates (``state.step >= 1``), or
+        an integer step ``>= 0``; may be traced.
+
+    Returns:
+      A float32 scalar; a tuple of them for several momenta.
+
+    Raises:
+      ValueError: for a concrete state that has seen no update, or a negative
+        step.
+      TypeError: for an EmaTransformation not built by :func:`ema`.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> import jepa_ema
+      >>> ema = jepa_ema.ema(jepa_ema.linear_momentum(0.5, 1.0, total_steps=4))
+      >>> state = ema.init({"w": jnp.zeros(2)})
+      >>> for _ in range(3):
+      ...   state = ema.update({"w": jnp.ones(2)}, state)
+      >>> print(ema.momentum(state), ema.momentum(4))  # updates 2 and 4
+      0.75 1.0
+    """
+    momentum_at = getattr(self.update, "momentum_at", None)
+    if momentum_at is None:
+      raise TypeError(
+        "momentum() needs an EmaTransformation built by jepa_ema.ema(...)."
+      )
+    first = state_or_step
+    if (
+      isinstance(first, (tuple, list))
+      and not isinstance(first, EmaState)
+      and first
+    ):
+      first = first[0]  # several momenta: the states share their step
+    if isinstance(first, EmaState):
+      step = first.step
+      if not isinstance(step, jax.core.Tracer) and int(step) < 1:
+        raise ValueError(
+          "the state has seen no update yet (state.step == 0): there is no "
+          "last momentum; pass a step for the momentum update `step` applies."
+        )
+      return momentum_at(step - 1)
+    step = state_or_step
+    if isinstance(step, (int, np.integer)) and step < 0:
+      raise ValueError(f"`step` must be >= 0, got {step}.")
+    return momentum_at(step)
+
 
 def _safe_increment(count: jax.Array) -> jax.Array:
   return jnp.where(count < _INT32_MAX, count + 1, _INT32_MAX).astype(jnp.int32)
@@ -351,6 +411,7 @@ def ema(
   ) -> EmaState | tuple[EmaState, ...]:
     return update_lazy(lambda: params, state)
 
+  update_fn.momentum_at = update_lazy.momentum_at  # type: ignore[attr-defined]
   return EmaTransformation(init_fn, update_fn)
 
 
@@ -513,6 +574,24 @@ def _update_states(
   return states if opts.several else states[0]
 
 
+def _momentum_at(opts: _Options, step: Any) -> Any:
+  """The momentum update ``step`` applies (see EmaTransformation.momentum)."""
+  every = opts.every
+  update_step = None
+  if every > 1:
+    update_step = step % every == every - 1
+    if not isinstance(step, jax.core.Tracer) and not bool(update_step):
+      ones = tuple(jnp.float32(1.0) for _ in opts.schedules)
+      return ones if opts.several else ones[0]
+  out = []
+  for schedule in opts.schedules:
+    m, _ = _every.window_momentum(schedule, jnp.asarray(step), every)
+    if update_step is not None:
+      m = jnp.where(update_step, m, jnp.float32(1.0))
+    out.append(m)
+  return tuple(out) if opts.several else out[0]
+
+
 def _make_ema(
   momentum: Any,
   dtype: Any,
@@ -528,10 +607,9 @@ def _make_ema(
   opts = _parse_options(
     momentum, dtype, skip_nonfinite, every, drift, rounding, key
   )
-  return (
-    functools.partial(_init_states, opts),
-    functools.partial(_update_states, opts),
-  )
+  update_lazy: Any = functools.partial(_update_states, opts)
+  update_lazy.momentum_at = functools.partial(_momentum_at, opts)
+  return functools.partial(_init_states, opts), update_lazy
 
 
 def _as_states(state: Any, n: int, several: bool) -> tuple[EmaState, ...]:
