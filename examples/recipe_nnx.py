@@ -1,8 +1,13 @@
 """Recipe: a Flax NNX target encoder kept by jepa_ema inside ``nnx.jit``.
 
-The target is an ``nnx.State`` (the ``nnx.Param`` leaves of the online model)
-inside a ``jepa_ema.EmaState``; the train step advances it with a schedule.
-``nnx.merge`` turns it back into a model for the teacher forward pass.
+The target is a plain dict of arrays (``nnx.to_pure_dict`` of the online
+model's ``nnx.Param`` state) inside a ``jepa_ema.EmaState``; the train step
+advances it with a schedule, donated, so it is updated in place (the script
+checks that the old buffers are deleted). ``nnx.replace_by_pure_dict`` and
+``nnx.merge`` turn it back into a model for the teacher forward pass. A plain
+dict rather than an ``nnx.State`` also keeps the EMA state an ordinary
+checkpointable pytree; see docs/howto/nnx.md for what ``nnx.jit`` donation
+does with either.
 
 How this relates to ``flax.nnx.EMA(model, decay)``: ``decay`` is our
 ``momentum``; nnx.EMA has a fixed decay, no step and no schedule, and keeps
@@ -36,12 +41,16 @@ def main(steps: int = 40) -> dict[str, float]:
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   ema = jepa_ema.ema(jepa_ema.cosine_momentum(0.9, 1.0, total_steps=steps))
-  ema_state = ema.init(params)  # target = a copy of the online params
+  ema_state = ema.init(nnx.to_pure_dict(params))  # a copy of the params
 
-  @nnx.jit
+  def teacher_of(model, target):  # the target encoder, as a module
+    state = nnx.state(model, nnx.Param)  # a State of the right structure
+    nnx.replace_by_pure_dict(state, target)
+    return nnx.merge(graphdef, state, rest)
+
+  @nnx.jit(donate_argnums=2)  # ema_state: its target is updated in place
   def train_step(model, optimizer, ema_state, x):
-    teacher = nnx.merge(graphdef, ema_state.target, rest)  # target encoder
-    target = jax.lax.stop_gradient(teacher(x))
+    target = jax.lax.stop_gradient(teacher_of(model, ema_state.target)(x))
 
     def loss_fn(model):
       noisy = x + 0.1 * jnp.sin(3 * x)  # a toy "view"
@@ -49,17 +58,20 @@ def main(steps: int = 40) -> dict[str, float]:
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
-    ema_state = ema.update(nnx.state(model, nnx.Param), ema_state)
-    return loss, ema_state
+    online = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return loss, ema.update(online, ema_state)
 
   # The same loop with nnx.EMA at a constant decay, for comparison.
   const = jepa_ema.ema(0.95)
   const_state = const.init(nnx.state(model, nnx.Param))
   nnx_ema = nnx.EMA(model, decay=0.95, only=nnx.Param)
 
+  donated = []
   for step in range(steps):
     x = jax.random.normal(jax.random.key(step), (32, 4))
+    old = jax.tree.leaves(ema_state.target)
     loss, ema_state = train_step(model, optimizer, ema_state, x)
+    donated.append(all(a.is_deleted() for a in old))  # reused in place
     const_state = const.update(nnx.state(model, nnx.Param), const_state)
     nnx_ema.update(model)
 
@@ -71,22 +83,28 @@ def main(steps: int = 40) -> dict[str, float]:
     )
   ]
   gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours, theirs))
-  online = nnx.state(model, nnx.Param)
+  online = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   lag = max(
     float(jnp.max(jnp.abs(a - b)))
     for a, b in zip(jax.tree.leaves(ema_state.target), jax.tree.leaves(online))
   )
   assert int(ema_state.step) == steps
+  assert all(donated), "the donated target must be updated in place"
   assert gap < 1e-5, f"constant momentum should match nnx.EMA, gap {gap}"
   assert lag > 0, "the target must lag the online model"
-  teacher = nnx.merge(graphdef, ema_state.target, rest)
+  teacher = teacher_of(model, ema_state.target)
   assert isinstance(teacher, Encoder)
   print(
     f"NNX: {steps} steps, loss {float(loss):.4f}; target lags online by "
     f"{lag:.4f} (max abs); constant momentum vs nnx.EMA: max gap "
-    f"{gap:.1e}"
+    f"{gap:.1e}; target updated in place on every step"
   )
-  return {"loss": float(loss), "gap_vs_nnx_ema": gap, "lag": lag}
+  return {
+    "loss": float(loss),
+    "gap_vs_nnx_ema": gap,
+    "lag": lag,
+    "donated": all(donated),
+  }
 
 
 if __name__ == "__main__":

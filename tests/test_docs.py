@@ -176,6 +176,30 @@ def test_guarantee_pins_fail_on_a_missing_test_or_an_unpinned_promise():
   )
 
 
+def test_recipe_pages_hold_the_current_recipes(tmp_path, monkeypatch):
+  """The how-to pages hold their recipe's code (readable on GitHub), and a
+  stale copy is caught."""
+  import recipe_pages
+
+  assert recipe_pages.stale() == []
+  for page, example in recipe_pages.PAGES.items():
+    text = (ROOT / page).read_text()
+    assert "--8<--" not in text
+    assert (ROOT / example).read_text() in text
+  page = tmp_path / "docs" / "howto" / "nnx.md"
+  page.parent.mkdir(parents=True)
+  page.write_text(
+    (ROOT / "docs/howto/nnx.md").read_text().replace("nnx.jit", "jit")
+  )
+  for name, example in recipe_pages.PAGES.items():
+    if name != "docs/howto/nnx.md":
+      (tmp_path / name).write_text((ROOT / name).read_text())
+    (tmp_path / example).parent.mkdir(exist_ok=True)
+    (tmp_path / example).write_text((ROOT / example).read_text())
+  monkeypatch.setattr(recipe_pages, "ROOT", tmp_path)
+  assert recipe_pages.stale() == ["docs/howto/nnx.md"]
+
+
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
 
 
@@ -186,9 +210,16 @@ DOCS = sorted((ROOT / "docs").rglob("*.md"))
 def test_docs_code_blocks_run(page, tmp_path, monkeypatch):
   """Every ```python block of a docs page runs, in order, in one namespace
   per page, so the docs cannot rot. Blocks that only include an example
-  file (``--8<--``) are that example, run by tests/test_examples.py."""
+  file (``--8<--``), or hold a copy of one (tests/recipe_pages.py), are that
+  example, run by tests/test_examples.py."""
   monkeypatch.chdir(tmp_path)
-  blocks = re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+  text = re.sub(
+    r"<!-- recipe:start .*?<!-- recipe:end -->",
+    "",
+    page.read_text(),
+    flags=re.S,
+  )
+  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
   ns: dict = {"__name__": "docs"}
   with warnings.catch_warnings():
     # The bf16 page stalls targets on purpose (its own test asserts the

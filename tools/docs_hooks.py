@@ -5,6 +5,8 @@
   ``tests/inputs_table.py`` renders it (``python tests/inputs_table.py
   --write`` regenerates it), and every promise on it must name the tests
   that pin it, tests that exist (``tests/guarantee_pins.py``).
+* the how-to pages of the recipes must hold their example's current code
+  (``python tests/recipe_pages.py --write`` regenerates them).
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ def _tests_module(name: str) -> Any:
 
 
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
+  recipes = _tests_module("recipe_pages")
+  if f"docs/{page.file.src_uri}" in recipes.PAGES and recipes.stale():
+    raise PluginError(
+      f"stale recipe copies in {recipes.stale()}; run "
+      "python tests/recipe_pages.py --write"
+    )
   if page.file.src_uri == "guarantees.md":
     table = _tests_module("inputs_table")
     if table.current() != table.render():
