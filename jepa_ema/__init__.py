@@ -16,12 +16,14 @@ from jepa_ema.schedules import (
   Schedule,
   constant_momentum,
   cosine_momentum,
+  exp_warmup_momentum,
   gamma_to_sigma_rel,
   halflife_momentum,
   linear_momentum,
   power_momentum,
   scale_momentum,
   sigma_rel_to_gamma,
+  tf_warmup_momentum,
   warmup_momentum,
 )
 from jepa_ema.transform import (
@@ -43,6 +45,8 @@ __all__ = [
   "cosine_momentum",
   "linear_momentum",
   "warmup_momentum",
+  "tf_warmup_momentum",
+  "exp_warmup_momentum",
   "scale_momentum",
   "halflife_momentum",
   "power_momentum",

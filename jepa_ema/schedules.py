@@ -52,6 +52,10 @@ __all__ = [
   "cosine_momentum",
   "linear_momentum",
   "warmup_momentum",
+  "TfWarmupMomentum",
+  "ExpWarmupMomentum",
+  "tf_warmup_momentum",
+  "exp_warmup_momentum",
   "ScaledMomentum",
   "HalflifeMomentum",
   "PowerMomentum",
@@ -435,6 +439,110 @@ def warmup_momentum(
   return WarmupMomentum(
     max_momentum, min_momentum, inv_gamma, power, start_step
   )
+
+
+@dataclasses.dataclass(frozen=True)
+class TfWarmupMomentum:
+  """TF's ``num_updates`` warm-up. Built by :func:`tf_warmup_momentum`."""
+
+  max_momentum: float
+
+  def __post_init__(self) -> None:
+    object.__setattr__(
+      self, "max_momentum", _check_momentum("max_momentum", self.max_momentum)
+    )
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    t = jnp.maximum(_step_f32(step), 0.0)
+    m = (1.0 + t) / (10.0 + t)
+    return jnp.minimum(m, np.float32(self.max_momentum)).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpWarmupMomentum:
+  """ultralytics ``ModelEMA``'s warm-up. Built by :func:`exp_warmup_momentum`."""
+
+  max_momentum: float
+  tau: float
+
+  def __post_init__(self) -> None:
+    object.__setattr__(
+      self, "max_momentum", _check_momentum("max_momentum", self.max_momentum)
+    )
+    object.__setattr__(
+      self, "tau", _check_float("tau", self.tau, 0.0, lo_open=True)
+    )
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    t = jnp.maximum(_step_f32(step), 0.0)
+    m = np.float32(self.max_momentum) * -jnp.expm1(
+      -(t + 1.0) / np.float32(self.tau)
+    )
+    return m.astype(jnp.float32)
+
+
+def tf_warmup_momentum(max_momentum: float) -> TfWarmupMomentum:
+  r"""Constructs TensorFlow's ``num_updates`` warm-up, as praxis calls it.
+
+  .. math::
+    m(t) = \min\left(m_{\max},\; \frac{1 + t}{10 + t}\right),
+
+  with ``t`` the number of updates before this one (update 0 uses 0.1). This
+  is ``tf.train.ExponentialMovingAverage(decay, num_updates=t)`` as praxis'
+  ``apply_ema_weights`` calls it (the count is read before it is
+  incremented). kauldron's ``ema_params(debias=True)`` reads it after the
+  increment: ``lambda t: schedule(t + 1)``; diffusers' ``EMAModel`` copies at
+  its first update and uses the formula from the second on (see the porting
+  guide).
+
+  Args:
+    max_momentum: the cap, in ``[0, 1]`` (TF's ``decay``).
+
+  Returns:
+    A schedule ``step -> momentum`` (float32).
+
+  Raises:
+    ValueError: if ``max_momentum`` is outside ``[0, 1]``.
+    TypeError: if it is not a real number.
+
+  Examples:
+    >>> import jepa_ema
+    >>> schedule = jepa_ema.tf_warmup_momentum(0.999)
+    >>> print(*[f"{schedule(t):.4f}" for t in (0, 1, 90, 10**5)])
+    0.1000 0.1818 0.9100 0.9990
+  """
+  return TfWarmupMomentum(max_momentum)
+
+
+def exp_warmup_momentum(
+  max_momentum: float, tau: float = 2000.0
+) -> ExpWarmupMomentum:
+  r"""Constructs the exponential warm-up of ultralytics / YOLOv5 ``ModelEMA``.
+
+  .. math::
+    m(t) = m_{\max} \left(1 - e^{-(t + 1) / \tau}\right),
+
+  with ``t`` the number of updates before this one: ``ModelEMA.update``
+  increments its ``updates`` counter before it computes the decay.
+
+  Args:
+    max_momentum: the limit, in ``[0, 1]`` (ultralytics' ``decay``, 0.9999).
+    tau: ``> 0``, the warm-up's time constant in updates (ultralytics: 2000).
+
+  Returns:
+    A schedule ``step -> momentum`` (float32).
+
+  Raises:
+    ValueError: if ``max_momentum`` is outside ``[0, 1]`` or ``tau <= 0``.
+    TypeError: if an argument is not a real number.
+
+  Examples:
+    >>> import jepa_ema
+    >>> schedule = jepa_ema.exp_warmup_momentum(0.9999, tau=2000.0)
+    >>> print(*[f"{schedule(t):.4f}" for t in (0, 1999, 10**5)])
+    0.0005 0.6321 0.9999
+  """
+  return ExpWarmupMomentum(max_momentum, tau)
 
 
 def as_schedule(momentum: MomentumLike, name: str = "momentum") -> Schedule:

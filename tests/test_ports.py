@@ -275,3 +275,69 @@ def test_momentum_reads_the_last_update_and_any_step():
   assert float(jepa_ema.ema(0.9, every=2).momentum(opt_state)) == 1.0
   with pytest.raises(TypeError, match="built by jepa_ema.ema"):
     jepa_ema.EmaTransformation(lambda p: p, lambda p, s: s).momentum(3)
+
+
+# --------------------------------------------- the concepts page's presets
+
+
+def concepts_ports() -> dict:
+  text = (PAGE.parent.parent / "concepts.md").read_text()
+  block = [
+    b
+    for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    if "tf_warmup_momentum" in b
+  ]
+  assert len(block) == 1
+  ns: dict = {}
+  exec(compile(block[0], "concepts.md", "exec"), ns)  # pylint: disable=exec-used
+  return ns
+
+
+def praxis_decays(d, n):
+  """praxis apply_ema_weights -> TF ExponentialMovingAverage(num_updates):
+  decay = min(d, (1 + num_updates) / (10 + num_updates)), the count read
+  before it is incremented."""
+  out, num_updates = [], 0
+  for _ in range(n):
+    out.append(min(d, (1 + num_updates) / (10 + num_updates)))
+    num_updates += 1
+  return out
+
+
+def ultralytics_decays(d, tau, n):
+  """ultralytics ModelEMA.update: self.updates += 1, then
+  d = decay * (1 - exp(-updates / tau))."""
+  import math
+
+  out, updates = [], 0
+  for _ in range(n):
+    updates += 1
+    out.append(d * (1 - math.exp(-updates / tau)))
+  return out
+
+
+def test_concepts_presets_match_their_libraries_for_50_updates():
+  ns = concepts_ports()
+  d, n = ns["d"], 50
+  ref = Diffusers(np.zeros(1), decay=d)
+  diffusers = [ref.update(np.zeros(1)) for _ in range(n)]
+  for name, want in (
+    ("praxis", praxis_decays(d, n)),
+    ("diffusers", diffusers),
+    ("ultralytics", ultralytics_decays(0.9999, 2000.0, n)),
+  ):
+    schedule = jax.jit(ns[name])
+    got = [float(schedule(jnp.int32(t))) for t in range(n)]
+    np.testing.assert_allclose(got, want, rtol=0, atol=6e-8, err_msg=name)
+  assert diffusers[0] == 0.0 and float(ns["diffusers"](0)) == 0.0
+
+
+def test_kauldron_debias_is_not_a_moving_average():
+  """The concepts page's claim, from kauldron's update rule: optax's bias
+  correction applied to an average started at the params scales a
+  constant model by 1 / (1 - d) at the first update."""
+  d, p = 0.999, 2.0
+  ema, count = p, 0  # init: the params
+  count += 1
+  ema = ((1 - d) * p + d * ema) / (1 - d**count)  # update_moment + debias
+  assert ema == pytest.approx(p / (1 - d))  # 1000x, not p

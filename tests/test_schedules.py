@@ -234,6 +234,11 @@ BAD = [
     "min_momentum",
   ),
   (jepa_ema.warmup_momentum, (), dict(start_step=-3), ValueError, "start_step"),
+  (jepa_ema.tf_warmup_momentum, (1.5,), {}, ValueError, "max_momentum"),
+  (jepa_ema.tf_warmup_momentum, ("0.9",), {}, TypeError, "max_momentum"),
+  (jepa_ema.exp_warmup_momentum, (-0.1,), {}, ValueError, "max_momentum"),
+  (jepa_ema.exp_warmup_momentum, (0.9,), dict(tau=0.0), ValueError, "tau"),
+  (jepa_ema.exp_warmup_momentum, (0.9,), dict(tau=math.nan), ValueError, "tau"),
 ]
 
 
@@ -607,3 +612,41 @@ def test_horizon_schedules_drive_ema_and_track_ema(schedule, every):
   np.testing.assert_allclose(
     jepa_ema.get_target(opt_state)["w"], ref, atol=2e-5
   )
+
+
+# ------------------------------------------------------ the ported presets
+
+
+@pytest.mark.parametrize("d", [0.0, 0.5, 0.999, 1.0])
+def test_tf_warmup_closed_form(d, maybe_jit):
+  s = maybe_jit(jepa_ema.tf_warmup_momentum(d))
+  for t in (0, 1, 2, 9, 90, 10**4, 10**7):
+    want = min(d, (1 + t) / (10 + t))
+    np.testing.assert_allclose(float(s(t)), want, rtol=3e-7, atol=0)
+  ts = jnp.arange(100)
+  np.testing.assert_allclose(
+    jax.vmap(s)(ts),
+    np.minimum(d, (1 + np.arange(100.0)) / (10 + np.arange(100.0))),
+    rtol=3e-7,
+  )
+
+
+@pytest.mark.parametrize("d,tau", [(0.9999, 2000.0), (0.99, 1.0), (1.0, 50.0)])
+def test_exp_warmup_closed_form(d, tau, maybe_jit):
+  s = maybe_jit(jepa_ema.exp_warmup_momentum(d, tau=tau))
+  for t in (0, 1, 10, 1999, 10**5):
+    want = d * (1 - math.exp(-(t + 1) / tau))
+    np.testing.assert_allclose(float(s(t)), want, rtol=3e-7, atol=1e-12)
+  out = jax.vmap(s)(jnp.arange(10))
+  assert out.dtype == jnp.float32 and out.shape == (10,)
+
+
+def test_presets_compare_by_value_and_compile_once():
+  assert jepa_ema.tf_warmup_momentum(0.99) == jepa_ema.tf_warmup_momentum(0.99)
+  assert hash(jepa_ema.exp_warmup_momentum(0.9, 10.0)) == hash(
+    jepa_ema.exp_warmup_momentum(0.9, tau=10.0)
+  )
+  f = jax.jit(lambda sched, t: sched(t), static_argnums=0)
+  f(jepa_ema.tf_warmup_momentum(0.99), 3)
+  f(jepa_ema.tf_warmup_momentum(0.99), 4)
+  assert f._cache_size() == 1
