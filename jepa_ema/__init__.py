@@ -6,6 +6,7 @@ MoCo. Data flows one way: :mod:`jepa_ema.schedules` -> :mod:`jepa_ema.update`
 -> :mod:`jepa_ema.transform` -> :mod:`jepa_ema.posthoc`.
 """
 
+from jepa_ema.policy import policy_by_path
 from jepa_ema.posthoc import (
   PostHocSnapshots,
   SnapshotError,
@@ -64,6 +65,7 @@ __all__ = [
   "ema",
   "track_ema",
   "get_target",
+  "policy_by_path",
   "state_shardings",
   "PrecisionWarning",
 ]

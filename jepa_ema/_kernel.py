@@ -38,6 +38,7 @@ __all__ = [
   "Rounder",
   "lerp",
   "blend_leaf",
+  "copy_leaf",
   "blend_tree",
 ]
 
@@ -389,20 +390,40 @@ def blend_leaf(
   return mixed.astype(out_dtype)
 
 
+def copy_leaf(t: Any, o: Any) -> Any:
+  """The online value in the target leaf's dtype (the ``"copy"`` action)."""
+  if not is_float_leaf(t):
+    if isinstance(o, (np.ndarray, np.generic)):
+      return jnp.asarray(o)
+    return o
+  return jnp.asarray(o).astype(jnp.asarray(t).dtype)
+
+
 def blend_tree(
   target: PyTree,
   online: PyTree,
   m: jax.Array,
   rounders: Sequence[Rounder | None] | None = None,
+  actions: Sequence[str] | None = None,
 ) -> PyTree:
-  """:func:`blend_leaf` over checked trees; ``rounders``: one per target leaf."""
+  """:func:`blend_leaf` over checked trees; ``rounders``: one per target leaf.
+
+  ``actions`` (one per target leaf, from :mod:`jepa_ema.policy`; None: every
+  leaf averaged): ``"average"`` blends, ``"copy"`` takes the online value
+  (:func:`copy_leaf`), ``"keep"`` returns the target leaf as it is.
+  """
   leaves, treedef_ = jax.tree.flatten(target)
   treedef: Any = treedef_
   rounders = rounders if rounders is not None else [None] * len(leaves)
-  return jax.tree.unflatten(
-    treedef,
-    [
-      blend_leaf(t, o, m, r)
-      for t, o, r in zip(leaves, treedef.flatten_up_to(online), rounders)
-    ],
-  )
+  actions = actions if actions is not None else ["average"] * len(leaves)
+  out = []
+  for t, o, r, a in zip(
+    leaves, treedef.flatten_up_to(online), rounders, actions
+  ):
+    if a == "keep":
+      out.append(t)
+    elif a == "copy":
+      out.append(copy_leaf(t, o))
+    else:
+      out.append(blend_leaf(t, o, m, r))
+  return jax.tree.unflatten(treedef, out)

@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jepa_ema import _drift, _every, _kernel, _rounding
+from jepa_ema import policy as _policy
 from jepa_ema import schedules as _schedules
 from jepa_ema._rounding import PrecisionWarning
 
@@ -292,6 +293,7 @@ def ema(
   drift: bool | int = False,
   rounding: str = "nearest",
   key: Any = 0,
+  policy: _policy.Policy = None,
 ) -> EmaTransformation:
   """A stateful EMA of parameters: ``init(params)``, ``update(params, state)``.
 
@@ -366,6 +368,18 @@ def ema(
       bfloat16 and float16 leaves are rounded stochastically (other leaves
       as usual).
     key: the seed (int) or ``jax.random.key`` of the stochastic rounding.
+    policy: what the target does per leaf (:mod:`jepa_ema.policy`): None
+      (every floating leaf averaged, the rest copied), one of ``"average"``,
+      ``"copy"``, ``"keep"``, ``"exclude"`` for every leaf, a pytree prefix
+      of the params whose leaves are actions, or a callable ``params -> such
+      a prefix`` (see :func:`~jepa_ema.policy_by_path`). Resolved against the
+      params' structure at ``init`` and when ``update`` is traced (no cost per
+      step under ``jit``). Excluded leaves are ``None`` in the target (no
+      memory); ``dtype`` applies to averaged leaves only (copied and kept
+      ones keep the params' dtype); ``skip_nonfinite`` checks the leaves that
+      enter the target (averaged and copied); ``drift`` is measured over the
+      averaged leaves; copied leaves are copied on every update step (with
+      ``every=k``: on steps k-1, 2k-1, ...).
 
   Returns:
     An :class:`EmaTransformation` ``(init, update)``.
@@ -403,7 +417,7 @@ def ema(
     0.9227
   """
   init_fn, update_lazy = _make_ema(
-    momentum, dtype, skip_nonfinite, every, drift, rounding, key
+    momentum, dtype, skip_nonfinite, every, drift, rounding, key, policy
   )
 
   def update_fn(
@@ -427,6 +441,7 @@ class _Options(NamedTuple):
   stochastic: bool
   key_data: jax.Array | None
   key_impl: Any
+  policy: Any  # jepa_ema.policy.Policy, resolved against the params
 
 
 def _parse_options(
@@ -437,6 +452,7 @@ def _parse_options(
   drift: Any,
   rounding: Any,
   key: Any,
+  policy: Any = None,
 ) -> _Options:
   """Validates every argument of :func:`ema` / :func:`track_ema` once."""
   several = isinstance(momentum, (tuple, list))
@@ -456,6 +472,8 @@ def _parse_options(
   every = _every.check_every(every)
   stochastic = _rounding.check_rounding(rounding, dtype) == "stochastic"
   key_data, key_impl = _rounding.check_key(key) if stochastic else (None, None)
+  if isinstance(policy, str):
+    _policy.resolve(policy, ())  # validates the action now
   return _Options(
     schedules,
     several,
@@ -466,6 +484,7 @@ def _parse_options(
     stochastic,
     key_data,
     key_impl,
+    policy,
   )
 
 
@@ -474,21 +493,34 @@ def _init_states(
 ) -> EmaState | tuple[EmaState, ...]:
   """``init``: one EmaState per momentum, its target a copy of ``params``."""
   states = []
+  actions = _policy.resolve(opts.policy, params)
+  leaves, treedef = jax.tree.flatten(params)
+  acts = actions if actions is not None else ("average",) * len(leaves)
   for i in range(len(opts.schedules)):
-    target = jax.tree.map(lambda x: _copy_leaf(x, opts.dtype), params)
+    # dtype= applies to averaged leaves; copied and kept ones keep theirs.
+    stored = [
+      None
+      if a == "exclude"
+      else _copy_leaf(x, opts.dtype if a == "average" else None)
+      for x, a in zip(leaves, acts)
+    ]
+    target = jax.tree.unflatten(treedef, stored)
+    averaged = jax.tree.unflatten(
+      treedef, [t if a == "average" else None for t, a in zip(stored, acts)]
+    )
     if i == 0 and opts.stochastic:
       if not any(
         _kernel.is_float_leaf(x)
         and _kernel.leaf_dtype(x) in _kernel.HALF_DTYPES
-        for x in jax.tree.leaves(target)
+        for x in jax.tree.leaves(averaged)
       ):
         raise ValueError(
-          "rounding='stochastic' needs half-precision target leaves, but the "
-          "target has none; pass dtype=jnp.bfloat16 or jnp.float16 (or "
+          "rounding='stochastic' needs half-precision averaged target leaves, "
+          "but the target has none; pass dtype=jnp.bfloat16 or jnp.float16 (or "
           "half-precision params)."
         )
     elif i == 0:
-      _rounding.check_stagnation(opts.schedules, target)
+      _rounding.check_stagnation(opts.schedules, averaged)
     k = None
     if opts.stochastic:
       assert opts.key_data is not None  # checked by _parse_options
@@ -506,7 +538,11 @@ def _init_states(
         step=jnp.zeros([], jnp.int32),
         target=target,
         skipped=jnp.zeros([], jnp.int32),
-        drift=_drift.zero_drift(params) if opts.drift else None,
+        drift=(
+          _drift.zero_drift(_policy.only(params, actions, ("average",)))
+          if opts.drift
+          else None
+        ),
         key=None if k is None else jnp.array(k, copy=True),
       )
     )
@@ -519,7 +555,11 @@ def _advance(
   """One real update of every target (params built lazily, in-branch)."""
   params = get_params()
   step = states[0].step
-  finite = _all_finite(params) if opts.skip_nonfinite else None
+  actions = _policy.resolve(opts.policy, params)
+  kept = _policy.kept(actions)
+  read = _policy.only(params, actions, ("average", "copy"))  # enters the target
+  params = _policy.stored(params, actions)
+  finite = _all_finite(read) if opts.skip_nonfinite else None
   out = []
   for schedule, state in zip(opts.schedules, states):
     m, m_finite = _every.window_momentum(schedule, step, opts.every)
@@ -528,20 +568,25 @@ def _advance(
       m = jnp.where(finite, m, jnp.float32(1.0))
       lost = lost | jnp.logical_not(finite)
     skipped = jnp.where(lost, _safe_increment(state.skipped), state.skipped)
-    _kernel.check_trees(state.target, params)
+    _policy.check_stored(state.target, params, actions)
     _kernel.check_shardings(state.target, params)
     rounders = None
     if opts.stochastic:
       rounders = _rounding.rounders(
         state.key, opts.key_impl, step, len(jax.tree.leaves(state.target))
       )
-    target = _kernel.blend_tree(state.target, params, m, rounders)
+    target = _kernel.blend_tree(state.target, params, m, rounders, kept)
     out.append(
       state._replace(
         target=target,
         skipped=skipped.astype(jnp.int32),
         drift=_drift.next_drift(
-          state.drift, target, params, step, opts.every, opts.drift
+          state.drift,
+          _policy.averaged(target, kept),
+          _policy.averaged(params, kept),
+          step,
+          opts.every,
+          opts.drift,
         ),
       )
     )
@@ -600,12 +645,13 @@ def _make_ema(
   drift: Any,
   rounding: Any,
   key: Any,
+  policy: Any = None,
 ) -> tuple[Callable[[PyTree], Any], Callable[[Callable[[], PyTree], Any], Any]]:
   """Validates the options; returns ``init`` and ``update_lazy``, the update
   taking a params thunk (so that track_ema builds ``params + updates`` only
   inside the every=k branch)."""
   opts = _parse_options(
-    momentum, dtype, skip_nonfinite, every, drift, rounding, key
+    momentum, dtype, skip_nonfinite, every, drift, rounding, key, policy
   )
   update_lazy: Any = functools.partial(_update_states, opts)
   update_lazy.momentum_at = functools.partial(_momentum_at, opts)
@@ -643,6 +689,9 @@ def track_ema(
   drift: bool | int = False,
   rounding: str = "nearest",
   key: Any = 0,
+  policy: _policy.Policy = None,
+  write_back_every: int | None = None,
+  write_back_momentum: float = 0.0,
 ) -> optax.GradientTransformation:
   """An optax transformation that keeps an EMA of the updated params.
 
@@ -670,6 +719,18 @@ def track_ema(
     rounding: ``"nearest"`` or ``"stochastic"`` (bfloat16 / float16
       targets).
     key: the seed or key of the stochastic rounding.
+    policy: the per-leaf policy, as for :func:`ema`.
+    write_back_every: ``N``: on updates ``N-1, 2N-1, ...`` (counted from 0)
+      the returned updates also move the params to ``write_back_momentum *
+      params + (1 - write_back_momentum) * target`` (the post-step params the
+      EMA has just averaged in, and its just-updated target; with several
+      momenta, the first), on the averaged floating leaves: ema-pytorch's
+      ``update_model_with_ema_every``; ``write_back_momentum=0`` switches the
+      model to its EMA (Switch EMA, arXiv:2402.09240). Not for a JEPA's
+      training target: the online encoder would be pulled to the target it
+      is trained against. None (default): never.
+    write_back_momentum: the weight on the params in a write-back, in
+      ``[0, 1]``.
 
   Returns:
     An ``optax.GradientTransformation``.
@@ -691,7 +752,10 @@ def track_ema(
     [0.9 0.9] [0.95 0.95]
   """
   init_fn, update_lazy = _make_ema(
-    momentum, dtype, skip_nonfinite, every, drift, rounding, key
+    momentum, dtype, skip_nonfinite, every, drift, rounding, key, policy
+  )
+  wb_every, wb_momentum = _check_write_back(
+    write_back_every, write_back_momentum
   )
 
   def update_fn(
@@ -705,11 +769,74 @@ def track_ema(
         "`tx.update(grads, opt_state, params)` (it keeps an EMA of "
         "`params + updates`)."
       )
-    return updates, update_lazy(
-      lambda: optax.apply_updates(params, updates), state
-    )
+    new_state = update_lazy(lambda: optax.apply_updates(params, updates), state)
+    if wb_every is None:
+      return updates, new_state
+    first = state if isinstance(state, EmaState) else state[0]
+    due = first.step % wb_every == wb_every - 1
+
+    def write_back() -> optax.Updates:
+      post = optax.apply_updates(params, updates)
+      target = (
+        new_state if isinstance(new_state, EmaState) else new_state[0]
+      ).target
+      return _write_back_updates(
+        params, post, target, updates, wb_momentum, policy
+      )
+
+    if not isinstance(due, jax.core.Tracer):  # eager: a Python branch
+      return (write_back() if bool(due) else updates), new_state
+    return jax.lax.cond(due, write_back, lambda: updates), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_write_back(every: Any, momentum: Any) -> tuple[int | None, float]:
+  if every is not None and (
+    isinstance(every, bool) or not isinstance(every, (int, np.integer))
+  ):
+    raise TypeError(
+      f"`write_back_every` must be None or a positive int, got {every!r}."
+    )
+  if every is not None and every < 1:
+    raise ValueError(f"`write_back_every` must be >= 1, got {every}.")
+  w = _schedules.as_schedule(momentum, "write_back_momentum")
+  if not isinstance(w, _schedules.ConstantMomentum):
+    raise TypeError(
+      f"`write_back_momentum` must be a number in [0, 1], got {momentum!r}."
+    )
+  return (None if every is None else int(every)), w.momentum
+
+
+def _write_back_updates(
+  params: PyTree,
+  post: PyTree,
+  target: PyTree,
+  updates: PyTree,
+  w: float,
+  policy: Any,
+) -> PyTree:
+  """Updates that move ``params`` to ``w * post + (1 - w) * target`` on the
+  averaged floating leaves (the others keep ``updates``)."""
+  actions = _policy.resolve(policy, post)
+  p_leaves, treedef = jax.tree.flatten(post)
+  acts = actions if actions is not None else ("average",) * len(p_leaves)
+  t_iter = iter(jax.tree.leaves(target))
+  new = []
+  for p, a in zip(p_leaves, acts):
+    t = next(t_iter) if a != "exclude" else None
+    if a == "average" and _kernel.is_float_leaf(p):
+      new.append(_kernel.blend_leaf(p, t, jnp.float32(w)))
+    else:
+      new.append(None)  # not written back: the step's own update
+  new_tree = jax.tree.unflatten(treedef, new)
+  return jax.tree.map(
+    lambda n, p, u: u if n is None else (n - p).astype(jnp.asarray(u).dtype),
+    new_tree,
+    params,
+    updates,
+    is_leaf=lambda x: x is None,
+  )
 
 
 def _find_states(tree: Any) -> list[tuple[str, EmaState]]:
@@ -720,7 +847,9 @@ def _find_states(tree: Any) -> list[tuple[str, EmaState]]:
   ]
 
 
-def get_target(opt_state: Any, index: int | None = None) -> PyTree:
+def get_target(
+  opt_state: Any, index: int | None = None, *, online: PyTree = None
+) -> PyTree:
   """Returns the EMA target held anywhere inside a (nested) optax state.
 
   Works on the state of ``optax.chain``, ``optax.MultiSteps``,
@@ -734,6 +863,9 @@ def get_target(opt_state: Any, index: int | None = None) -> PyTree:
       ``opt_state`` (for a several-momenta EMA: the position of the momentum).
       Required when there is more than one; negative values count from the
       end.
+    online: optional; the online params. The leaves a ``policy`` excluded
+      (``None`` in the target) are then taken from it, so the result is a
+      complete tree for the teacher's forward pass.
 
   Returns:
     The target pytree.
@@ -768,7 +900,7 @@ def get_target(opt_state: Any, index: int | None = None) -> PyTree:
         f"Found {len(found)} EmaStates in the optimizer state, at {paths}; "
         "pass `index` (get_target(state, i)) to pick one."
       )
-    return found[0][1].target
+    return _filled(found[0][1].target, online)
   if isinstance(index, bool) or not isinstance(index, (int, np.integer)):
     raise TypeError(f"`index` must be an int, got {index!r}.")
   if not -len(found) <= index < len(found):
@@ -776,7 +908,11 @@ def get_target(opt_state: Any, index: int | None = None) -> PyTree:
       f"`index` {index} is out of range: the state holds {len(found)} "
       f"EmaState(s), at {', '.join(p for p, _ in found)}."
     )
-  return found[index][1].target
+  return _filled(found[index][1].target, online)
+
+
+def _filled(target: PyTree, online: PyTree) -> PyTree:
+  return target if online is None else _policy.fill(target, online)
 
 
 def _sharding_of(x: Any) -> Any:
@@ -857,9 +993,16 @@ def state_shardings(params: PyTree, state: Any = None) -> Any:
   def one(x: Any) -> Any:
     if not is_state(x):
       return scalar
+    # None where a policy excluded a leaf, as in the state's target.
+    stored = jax.tree.map(
+      lambda t, sh: None if t is None else sh,
+      x.target,
+      target,
+      is_leaf=lambda v: v is None or is_sharding(v),
+    )
     return EmaState(
       step=scalar,
-      target=target,
+      target=stored,
       skipped=scalar,
       drift=jax.tree.map(lambda _: scalar, x.drift),
       key=None if x.key is None else scalar,

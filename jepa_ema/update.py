@@ -33,6 +33,7 @@ import jax
 import numpy as np
 
 from jepa_ema import _kernel, _rounding
+from jepa_ema import policy as _policy
 from jepa_ema import schedules as _schedules
 from jepa_ema._kernel import ShardingMismatchWarning
 
@@ -55,6 +56,8 @@ def ema_update(
   online: PyTree,
   step: jax.typing.ArrayLike,
   momentum: _schedules.MomentumLike | jax.typing.ArrayLike,
+  *,
+  policy: _policy.Policy = None,
 ) -> PyTree:
   """One EMA step of a parameter pytree: ``m * target + (1 - m) * online``.
 
@@ -95,6 +98,11 @@ def ema_update(
       (Python ints beyond int32 too) or a traced scalar.
     momentum: a schedule (any callable ``step -> momentum``, optax schedules
       included) or a number in ``[0, 1]``.
+    policy: what the target does per leaf (:mod:`jepa_ema.policy`): None
+      (every leaf averaged), one of ``"average"``, ``"copy"``, ``"keep"``,
+      ``"exclude"``, a prefix tree of them, or a callable ``online -> such a
+      tree``. It is resolved against ``online``; ``target`` then holds
+      ``None`` where leaves are excluded, and so does the result.
 
   Returns:
     The new target, with the structure and leaf dtypes of ``target``.
@@ -122,13 +130,18 @@ def ema_update(
     [0.25 0.25]
   """
   m, _ = _kernel.resolve_momentum(momentum, step)
-  _kernel.check_trees(target, online)
+  actions = _policy.resolve(policy, online)
+  online = _policy.stored(online, actions)
+  _policy.check_stored(target, online, actions)
   _kernel.check_shardings(target, online)
-  return _kernel.blend_tree(target, online, m)
+  return _kernel.blend_tree(target, online, m, actions=_policy.kept(actions))
 
 
 def make_ema_update(
-  momentum: _schedules.MomentumLike, *, donate: bool = True
+  momentum: _schedules.MomentumLike,
+  *,
+  donate: bool = True,
+  policy: _policy.Policy = None,
 ) -> EmaUpdateFn:
   """Binds a schedule once; returns the jitted ``(target, online, step)`` update.
 
@@ -159,6 +172,8 @@ def make_ema_update(
   Args:
     momentum: a schedule or a number in ``[0, 1]``; validated now.
     donate: donate the target's buffers (update in place).
+    policy: the per-leaf policy, as for :func:`ema_update` (a string action
+      is validated now, a tree or callable when the function is traced).
 
   Returns:
     A jit-compiled ``ema_update_fn(target, online, step) -> new_target``.
@@ -178,8 +193,10 @@ def make_ema_update(
     [0.4375 0.4375 0.4375]
   """
   schedule = _schedules.as_schedule(momentum)
+  if isinstance(policy, str):
+    _policy.resolve(policy, ())  # validates the action
   jitted = jax.jit(
-    functools.partial(_bound_update, schedule),
+    functools.partial(_bound_update, schedule, policy),
     donate_argnums=(0,) if donate else (),
   )
   check_next, first = [True], [True]
@@ -195,7 +212,8 @@ def make_ema_update(
     # leaf) sharding check runs on the first call and on the call after each
     # new compilation, never per step.
     if check_next[0]:
-      _kernel.check_shardings(target, online)
+      stored = _policy.stored(online, _policy.resolve(policy, online))
+      _kernel.check_shardings(target, stored)
     if isinstance(step, (int, np.integer)) and not (
       _INT32_MIN <= step <= _INT32_MAX
     ):
@@ -218,8 +236,9 @@ def make_ema_update(
 
 def _bound_update(
   schedule: _schedules.Schedule,
+  policy: _policy.Policy,
   target: PyTree,
   online: PyTree,
   step: jax.typing.ArrayLike,
 ) -> PyTree:
-  return ema_update(target, online, step, schedule)
+  return ema_update(target, online, step, schedule, policy=policy)

@@ -364,6 +364,47 @@ ROWS: list[Row] = [
     "errors; no warning",
     check=_float16_unbiased,
   ),
+  # --------------------------------------------------------------- policy
+  Row(
+    "policy",
+    "an unknown action",
+    "jepa_ema.ema(0.9, policy='avg')",
+    "`ValueError` naming the action and listing the four, when built",
+    raises=ValueError,
+    match="unknown policy action 'avg'.*'average', 'copy', 'keep', 'exclude'",
+  ),
+  Row(
+    "policy",
+    "a policy key the params lack",
+    "jepa_ema.ema(0.9, policy={'v': 'copy'}).init(target)",
+    "`ValueError` naming the key path, before any state exists",
+    raises=ValueError,
+    match=r"\['v'\], which is not a key path of the params",
+  ),
+  Row(
+    "policy",
+    "an action that is not a string",
+    "ema_update(target, online, 0, 0.9, policy={'w': 1})",
+    "`ValueError` naming the key path and the value",
+    raises=ValueError,
+    match=r"unknown policy action 1 at \['w'\]",
+  ),
+  Row(
+    "policy",
+    "a full target with a policy that excludes leaves",
+    "ema_update(target, online, 0, 0.9, policy='exclude')",
+    "`ValueError`: the target holds `None` where leaves are excluded",
+    raises=ValueError,
+    match="holds None in their place",
+  ),
+  Row(
+    "policy",
+    "write-back every 0 updates",
+    "jepa_ema.track_ema(0.9, write_back_every=0)",
+    "`ValueError` naming `write_back_every`",
+    raises=ValueError,
+    match="write_back_every",
+  ),
   # ---------------------------------------------------------------- steps
   Row(
     "steps",

@@ -1,0 +1,259 @@
+"""Per-leaf policy: what the target does with each leaf of the params.
+
+Real models are not plain parameter trees: batch-norm statistics, frozen or
+LoRA-base weights, parts shared between the online and target networks, RNG
+counters. ``policy=`` (of :func:`jepa_ema.ema`, :func:`jepa_ema.track_ema`,
+:func:`jepa_ema.ema_update` and :func:`jepa_ema.make_ema_update`) says per
+leaf what the target does:
+
+* ``"average"``: the EMA rule (non-floating leaves are copied, as by
+  default);
+* ``"copy"``: the target takes the online value at every update (batch-norm
+  statistics taken from the online network, a shared embedding);
+* ``"keep"``: the target keeps the value it was initialised with;
+* ``"exclude"``: the target stores nothing for the leaf (``None`` in its
+  place, no memory): frozen base weights under LoRA, shared tables.
+  :func:`jepa_ema.get_target` with ``online=`` fills them back in.
+
+A policy is ``None`` (every leaf averaged: the default rule), one action for
+every leaf, a pytree **prefix** of the params whose leaves are actions (as
+``optax.masked`` takes a mask), or a callable ``params -> such a prefix``
+(it may look at NNX ``Variable`` types, Equinox filters, key paths: see
+:func:`policy_by_path`). It is resolved against the params' structure when
+the state is initialised and when an update is traced, so under ``jit`` it
+costs nothing per step; a callable is called with the params (tracers under
+``jit``) and must depend on their structure and leaf types only.
+
+The helpers below the public names are the package's (``resolve``,
+``stored``, ``only``, ``fill``); :mod:`jepa_ema.update` and
+:mod:`jepa_ema.transform` call them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import jax
+
+from jepa_ema import _kernel
+
+__all__ = [
+  "ACTIONS",
+  "Policy",
+  "policy_by_path",
+  "resolve",
+  "stored",
+  "only",
+  "fill",
+  "kept",
+  "averaged",
+  "check_stored",
+]
+
+PyTree = Any
+
+ACTIONS = ("average", "copy", "keep", "exclude")
+"""The per-leaf actions, in the order the docs list them."""
+
+Policy = Union[None, str, PyTree, Callable[[PyTree], PyTree]]
+"""What every ``policy=`` argument accepts."""
+
+
+def _check_action(action: Any, where: str) -> str:
+  if not isinstance(action, str) or action not in ACTIONS:
+    raise ValueError(
+      f"unknown policy action {action!r} at {where}; the actions are "
+      f"{', '.join(repr(a) for a in ACTIONS)}."
+    )
+  return action
+
+
+def policy_by_path(
+  rules: Mapping[str, str] | Sequence[tuple[str, str]],
+  default: str = "average",
+) -> Callable[[PyTree], PyTree]:
+  r"""A policy that picks each leaf's action by its key path.
+
+  Each rule is a ``(regex, action)`` pair, matched with :func:`re.search`
+  against ``jax.tree_util.keystr(path)`` (e.g. ``"['encoder']['bn']['mean']"``);
+  the first match wins, and leaves no rule matches get ``default``.
+
+  Args:
+    rules: a mapping ``regex -> action`` (in its order) or a sequence of
+      ``(regex, action)`` pairs.
+    default: the action of every leaf no rule matches.
+
+  Returns:
+    A callable policy ``params -> tree of actions``.
+
+  Raises:
+    ValueError: for an unknown action or a regex that does not compile,
+      naming it.
+    TypeError: if ``rules`` is not a mapping or a sequence of pairs.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import jepa_ema
+    >>> params = {"base": {"w": jnp.ones(2)}, "lora": {"a": jnp.zeros(2)},
+    ...           "bn": {"mean": jnp.zeros(2)}}
+    >>> policy = jepa_ema.policy_by_path(
+    ...   [(r"\['base'\]", "exclude"), (r"\['bn'\]", "copy")])
+    >>> policy(params)
+    {'base': {'w': 'exclude'}, 'bn': {'mean': 'copy'}, 'lora': {'a': 'average'}}
+  """
+  if isinstance(rules, Mapping):
+    pairs: Iterable[Any] = list(rules.items())
+  elif isinstance(rules, (list, tuple)):
+    pairs = rules
+  else:
+    raise TypeError(
+      "`rules` must be a mapping regex -> action or a sequence of "
+      f"(regex, action) pairs, got {type(rules).__name__}."
+    )
+  compiled = []
+  for i, pair in enumerate(pairs):
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+      raise TypeError(
+        f"rule #{i} must be a (regex, action) pair, got {pair!r}."
+      )
+    pattern, action = pair
+    _check_action(action, f"rule #{i} ({pattern!r})")
+    try:
+      compiled.append((re.compile(pattern), action))
+    except (re.error, TypeError) as e:
+      raise ValueError(f"rule #{i}: cannot compile {pattern!r}: {e}.") from None
+  _check_action(default, "`default`")
+
+  def policy(params: PyTree) -> PyTree:
+    def pick(path: Any, _: Any) -> str:
+      key = jax.tree_util.keystr(path)
+      for pattern, action in compiled:
+        if pattern.search(key):
+          return action
+      return default
+
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+  return policy
+
+
+def _prefix_mismatch(prefix: PyTree, params: PyTree) -> str:
+  """Names the first key path of ``prefix`` that is not one of ``params``."""
+  param_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for path, action in jax.tree_util.tree_flatten_with_path(prefix)[0]:
+    n = len(path)
+    if not any(tuple(q[:n]) == tuple(path) for q in param_paths):
+      return (
+        f"the policy has {action!r} at {jax.tree_util.keystr(path) or '<root>'}"
+        ", which is not a key path of the params"
+      )
+  return "its structure is not a prefix of the params' structure"
+
+
+def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
+  """One action per leaf of ``params`` (``jax.tree.leaves`` order).
+
+  ``None`` for ``policy=None`` (the default rule: every leaf averaged).
+
+  Raises:
+    ValueError: for an unknown action, naming its key path, or a prefix that
+      does not fit the params, naming the first key path that does not.
+  """
+  if policy is None:
+    return None
+  n = len(jax.tree.leaves(params))
+  if isinstance(policy, str):
+    return (_check_action(policy, "<every leaf>"),) * n
+  prefix = policy(params) if callable(policy) else policy
+  for path, action in jax.tree_util.tree_flatten_with_path(prefix)[0]:
+    _check_action(action, jax.tree_util.keystr(path) or "<root>")
+  prefix_def: Any = jax.tree.structure(prefix)
+  try:
+    subtrees = prefix_def.flatten_up_to(params)
+  except (ValueError, TypeError):
+    raise ValueError(
+      f"the policy does not fit the params: {_prefix_mismatch(prefix, params)}"
+      f".\n  policy structure: {str(prefix_def)[:300]}"
+      f"\n  params structure: {str(jax.tree.structure(params))[:300]}"
+    ) from None
+  actions: list[str] = []
+  for action, sub in zip(jax.tree.leaves(prefix), subtrees):
+    actions += [action] * len(jax.tree.leaves(sub))
+  assert len(actions) == n
+  return tuple(actions)
+
+
+def only(
+  tree: PyTree, actions: Sequence[str] | None, keep: Sequence[str]
+) -> PyTree:
+  """``tree`` (of the params' structure) with ``None`` at every leaf whose
+  action is not in ``keep``; ``tree`` itself when ``actions`` is None."""
+  if actions is None:
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+    treedef, [x if a in keep else None for x, a in zip(leaves, actions)]
+  )
+
+
+def stored(tree: PyTree, actions: Sequence[str] | None) -> PyTree:
+  """What the target stores of ``tree``: ``None`` at the excluded leaves."""
+  return only(tree, actions, ("average", "copy", "keep"))
+
+
+def fill(target: PyTree, online: PyTree) -> PyTree:
+  """``target`` with its ``None`` places (excluded leaves) taken from
+  ``online``: a complete tree for the teacher's forward pass.
+
+  Raises:
+    ValueError: if ``online`` does not have the target's structure where the
+      target stores something.
+  """
+  try:
+    return jax.tree.map(
+      lambda t, o: o if t is None else t,
+      target,
+      online,
+      is_leaf=lambda x: x is None,
+    )
+  except ValueError as e:
+    raise ValueError(
+      "`online` must be the params tree the target was built from (the "
+      f"target's structure, with subtrees where it holds None): {e}"
+    ) from None
+
+
+def kept(actions: Sequence[str] | None) -> list[str] | None:
+  """The actions of the stored leaves (the excluded ones dropped)."""
+  return None if actions is None else [a for a in actions if a != "exclude"]
+
+
+def averaged(tree: PyTree, kept_actions: Sequence[str] | None) -> PyTree:
+  """A stored tree (``None`` at excluded leaves) with ``None`` also at the
+  copied and kept leaves: what drift and the precision checks look at."""
+  if kept_actions is None:
+    return tree
+  leaves, treedef = jax.tree.flatten(tree)
+  return jax.tree.unflatten(
+    treedef,
+    [x if a == "average" else None for x, a in zip(leaves, kept_actions)],
+  )
+
+
+def check_stored(
+  target: PyTree, online: PyTree, actions: Sequence[str] | None
+) -> None:
+  """:func:`jepa_ema._kernel.check_trees` of a target against the stored
+  view of ``online``, with a hint when a policy excludes leaves."""
+  try:
+    _kernel.check_trees(target, online)
+  except ValueError as e:
+    if actions is None or "exclude" not in actions:
+      raise
+    raise ValueError(
+      f"{e}\n  With a policy that excludes leaves the target holds None in "
+      "their place (build it with ema(..., policy=...).init(params), or "
+      "jax.tree.map over the params with None for the excluded leaves)."
+    ) from None
