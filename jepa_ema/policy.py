@@ -166,7 +166,10 @@ def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
   n = len(jax.tree.leaves(params))
   if isinstance(policy, str):
     return (_check_action(policy, "<every leaf>"),) * n
-  prefix = policy(params) if callable(policy) else policy
+  leaves = jax.tree.leaves(policy)
+  is_tree = bool(leaves) and all(isinstance(a, str) for a in leaves)
+  # A callable pytree of actions (an Equinox module spec) is a prefix.
+  prefix = policy(params) if callable(policy) and not is_tree else policy
   for path, action in jax.tree_util.tree_flatten_with_path(prefix)[0]:
     _check_action(action, jax.tree_util.keystr(path) or "<root>")
   prefix_def: Any = jax.tree.structure(prefix)

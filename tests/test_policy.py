@@ -467,3 +467,25 @@ def test_posthoc_snapshots_hold_the_stored_leaves_and_fill_completes(tmp_path):
   np.testing.assert_allclose(out["a"], state[1].target["a"], rtol=1e-6)
   full = jepa_ema.policy.fill(out, params)
   np.testing.assert_array_equal(full["b"], params["b"])
+
+
+def test_policy_page_prints_what_it_says(capsys):
+  import pathlib
+  import re
+
+  page = pathlib.Path(__file__).resolve().parents[1] / "docs/howto/policy.md"
+  text = page.read_text()
+  block = [
+    b
+    for b in re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    if "lora_only" in b
+  ][0]
+  ns = {"jax": jax, "jnp": jnp, "jepa_ema": jepa_ema}
+  exec(compile(block, str(page), "exec"), ns)  # pylint: disable=exec-used
+  said = re.search(r"prints\n\n```\n(.*?)```", text, flags=re.S).group(1)
+  assert capsys.readouterr().out == said
+  # By hand: the adapters' floats against every float, 4 bytes each, plus
+  # the two int32 counters of each state.
+  per_block = 768 * 8 + 8 * 3 * 768
+  full = 12 * (768 * 3 * 768 + per_block + 768 * 4 * 768 + 4 * 768)
+  assert ns["small"] == 12 * per_block * 4 + 8 and ns["full"] == full * 4 + 8

@@ -54,7 +54,7 @@ def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     return markdown
   import jepa_ema
 
-  documented = set(re.findall(r"^::: jepa_ema\.(\w+)", markdown, flags=re.M))
+  documented = set(re.findall(r"^::: jepa_ema\.(\w+)$", markdown, flags=re.M))
   missing = sorted(set(jepa_ema.__all__) - documented)
   unknown = sorted(documented - set(jepa_ema.__all__))
   if missing or unknown:
