@@ -30,6 +30,7 @@ __all__ = [
   "is_real_float_leaf",
   "leaf_dtype",
   "check_trees",
+  "mesh_and_spec",
   "explicit_spec",
   "check_shardings",
   "resolve_momentum",
@@ -181,8 +182,10 @@ def check_trees(target: PyTree, online: PyTree) -> None:
     _check_dtypes(path, t, o)
 
 
-def explicit_spec(x: Any) -> tuple | None:
-  """The normalised PartitionSpec of ``x`` if its mesh axes are Explicit."""
+def mesh_and_spec(x: Any) -> tuple[Any, Any] | None:
+  """The mesh and PartitionSpec in ``x``'s type (its sharding as ``jit``
+  traces it), or None where there is none (no mesh, an empty one, or a JAX
+  without ``jax.typeof``)."""
   try:
     sharding = jax.typeof(x).sharding
   except Exception:  # pylint: disable=broad-except
@@ -191,6 +194,15 @@ def explicit_spec(x: Any) -> tuple | None:
   spec = getattr(sharding, "spec", None)
   if mesh is None or spec is None or getattr(mesh, "empty", True):
     return None
+  return mesh, spec
+
+
+def explicit_spec(x: Any) -> tuple | None:
+  """The normalised PartitionSpec of ``x`` if its mesh axes are Explicit."""
+  found = mesh_and_spec(x)
+  if found is None:
+    return None
+  mesh, spec = found
   if not any(
     t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())
   ):

@@ -226,19 +226,11 @@ def _explicit_mesh(leaves: Sequence[Any]) -> Any:
   """
   meshes = set()
   for x in leaves:
-    try:
-      sharding = jax.typeof(x).sharding
-    except Exception:  # pylint: disable=broad-except
+    found = _kernel.mesh_and_spec(x)
+    if found is None:
       return None
-    mesh = getattr(sharding, "mesh", None)
-    spec = getattr(sharding, "spec", None)
-    if (
-      mesh is None
-      or spec is None
-      or getattr(mesh, "empty", True)
-      or getattr(spec, "unreduced", None)
-      or getattr(spec, "reduced", None)
-    ):
+    mesh, spec = found
+    if getattr(spec, "unreduced", None) or getattr(spec, "reduced", None):
       return None
     meshes.add(mesh)
   if len(meshes) != 1:
