@@ -507,7 +507,7 @@ def _init_states(
         for x in jax.tree.leaves(averaged)
       ):
         raise ValueError(
-          "rounding='stochastic' needs half-precision averaged target leaves, "
+          "rounding='stochastic' needs half-precision target leaves (averaged ones), "
           "but the target has none; pass dtype=jnp.bfloat16 or jnp.float16 (or "
           "half-precision params)."
         )
