@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo sweep experiments lint test docs bench device-check clean
+.PHONY: demo sweep experiments lint test test-min docs bench device-check clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,19 @@ $(VENV)/.created:
 
 $(VENV)/.test: $(VENV)/.created pyproject.toml
 	$(PIP) install -e ".[test,examples,lint,wheel]"
+	touch $@
+
+# The floors: a second environment with the oldest versions pyproject.toml
+# allows (pinned in .ci/min-constraints.txt; pip resolves the rest).
+MIN_VENV ?= .venv-min
+MIN_PY   := $(MIN_VENV)/bin/python
+MIN_PIP  := $(MIN_PY) -m pip --disable-pip-version-check -q
+
+$(MIN_VENV)/.test: pyproject.toml .ci/min-constraints.txt
+	rm -rf $(MIN_VENV)
+	$(PYTHON) -m venv $(MIN_VENV)
+	$(MIN_PIP) install --upgrade pip
+	$(MIN_PIP) install -c .ci/min-constraints.txt -e ".[test,examples,wheel]"
 	touch $@
 
 $(VENV)/.docs: $(VENV)/.created pyproject.toml
@@ -45,6 +58,9 @@ lint: $(VENV)/.test  ## ruff (lint + format check) over the repository, mypy ove
 test: lint  ## lint and type check, then the whole test suite (doctests included)
 	$(PY) -m pytest -q
 
+test-min: $(MIN_VENV)/.test  ## the whole test suite on the floors of pyproject.toml (~11 min)
+	JEPA_EMA_FLOORS=1 $(MIN_PY) -m pytest -q
+
 docs: $(VENV)/.docs  ## build the documentation site into site/ (warnings are errors)
 	$(PY) -m mkdocs build --strict
 
@@ -59,4 +75,4 @@ device-check: $(VENV)/.bench  ## the accelerator check (one command, ~5 min): re
 	$(PY) benchmarks/device_check.py --out results --budget-s 300
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache site dist
+	rm -rf $(VENV) $(MIN_VENV) .pytest_cache .hypothesis .mypy_cache .ruff_cache site dist
