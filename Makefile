@@ -55,11 +55,11 @@ lint: $(VENV)/.test  ## ruff (lint + format check) over the repository, mypy ove
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint  ## lint and type check, then the whole test suite (doctests included)
-	$(PY) -m pytest -q
+test: lint  ## lint and type check, then the whole test suite (doctests included), on every core
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 test-min: $(MIN_VENV)/.test  ## the whole test suite on the floors of pyproject.toml (~11 min)
-	JEPA_EMA_FLOORS=1 $(MIN_PY) -m pytest -q
+	JEPA_EMA_FLOORS=1 $(MIN_PY) -m pytest -q -n auto --dist loadfile
 
 docs: $(VENV)/.docs  ## build the documentation site into site/ (warnings are errors)
 	$(PY) -m mkdocs build --strict
