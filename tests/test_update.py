@@ -52,13 +52,16 @@ def test_matches_float64_reference(maybe_jit):
 
 
 def test_m_equals_one_is_bitwise_identity(maybe_jit):
+  # NaN, Inf, -0.0 and subnormals on either side, the target's bits kept
+  # (a NaN's payload included: 0x7fc00001 is not the canonical NaN).
+  payload_nan = np.array([0x7FC00001], np.uint32).view(np.float32)[0]
   target = {
-    "a": jnp.array([-0.0, 1e-38, np.inf, 3.0]),
-    "b": jnp.array([1.5, -2.25], jnp.bfloat16),
+    "a": jnp.array([-0.0, 1e-38, np.inf, 3.0, payload_nan, np.nan, 1e-45]),
+    "b": jnp.array([1.5, -2.25, np.nan], jnp.bfloat16),
   }
   online = {
-    "a": jnp.array([5.0, np.inf, 1.0, np.nan]),
-    "b": jnp.array([7.0, 3.0], jnp.bfloat16),
+    "a": jnp.array([5.0, np.inf, 1.0, np.nan, 2.0, np.nan, -np.inf]),
+    "b": jnp.array([7.0, 3.0, 1.0], jnp.bfloat16),
   }
   out = maybe_jit(jepa_ema.ema_update)(target, online, 0, 1.0)
   for k in target:
