@@ -48,7 +48,6 @@ __all__ = [
   "only",
   "fill",
   "kept",
-  "averaged",
   "check_stored",
 ]
 
@@ -191,8 +190,10 @@ def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
 def only(
   tree: PyTree, actions: Sequence[str] | None, keep: Sequence[str]
 ) -> PyTree:
-  """``tree`` (of the params' structure) with ``None`` at every leaf whose
-  action is not in ``keep``; ``tree`` itself when ``actions`` is None."""
+  """``tree`` with ``None`` at every leaf whose action is not in ``keep``;
+  ``tree`` itself when ``actions`` is None. ``actions`` holds one action per
+  leaf of ``tree``: :func:`resolve`'s for a tree of the params' structure,
+  :func:`kept`'s for a stored one (``None`` at the excluded leaves)."""
   if actions is None:
     return tree
   leaves, treedef = jax.tree.flatten(tree)
@@ -231,18 +232,6 @@ def fill(target: PyTree, online: PyTree) -> PyTree:
 def kept(actions: Sequence[str] | None) -> list[str] | None:
   """The actions of the stored leaves (the excluded ones dropped)."""
   return None if actions is None else [a for a in actions if a != "exclude"]
-
-
-def averaged(tree: PyTree, kept_actions: Sequence[str] | None) -> PyTree:
-  """A stored tree (``None`` at excluded leaves) with ``None`` also at the
-  copied and kept leaves: what drift and the precision checks look at."""
-  if kept_actions is None:
-    return tree
-  leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(
-    treedef,
-    [x if a == "average" else None for x, a in zip(leaves, kept_actions)],
-  )
 
 
 def check_stored(

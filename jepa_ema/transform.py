@@ -260,15 +260,14 @@ def _all_finite(tree: PyTree) -> jax.Array:
   if not leaves:
     return jnp.array(True)
   mesh = _explicit_mesh(leaves)
-  shard_map = getattr(jax, "shard_map", None)  # not in older JAX
-  if shard_map is None or mesh is None:
+  if mesh is None:
     return _local_all_finite(leaves)
 
   def check(*shards: jax.Array) -> jax.Array:
     local = _local_all_finite(shards).astype(jnp.int32)
     return jax.lax.pmin(local, mesh.axis_names) > 0
 
-  return shard_map(
+  return jax.shard_map(
     check,
     mesh=mesh,
     in_specs=tuple(jax.typeof(x).sharding.spec for x in leaves),
@@ -574,8 +573,8 @@ def _advance(
         skipped=skipped.astype(jnp.int32),
         drift=_drift.next_drift(
           state.drift,
-          _policy.averaged(target, kept),
-          _policy.averaged(params, kept),
+          _policy.only(target, kept, ("average",)),
+          _policy.only(params, kept, ("average",)),
           step,
           opts.every,
           opts.drift,
