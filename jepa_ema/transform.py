@@ -20,6 +20,7 @@ import numpy as np
 import optax
 
 from jepa_ema import _drift, _every, _kernel, _rounding
+from jepa_ema import placement as _placement
 from jepa_ema import policy as _policy
 from jepa_ema import schedules as _schedules
 from jepa_ema._rounding import PrecisionWarning
@@ -106,6 +107,46 @@ class EmaTransformation(NamedTuple):
       [0.5 0.5]
     """
     return jax.jit(self.update, donate_argnums=(1,) if donate else ())
+
+  def state_shardings(self, params: PyTree) -> Any:
+    """The shardings of ``init(params)``, memory kinds included.
+
+    :func:`~jepa_ema.state_shardings` of the state's structure with this
+    EMA's ``target_sharding`` and ``memory_kind``: the ``out_shardings`` of
+    a jitted ``init``, or the layout of a sharded checkpoint restore.
+
+    Args:
+      params: the params (arrays or ``ShapeDtypeStruct`` s with shardings).
+
+    Returns:
+      An :class:`EmaState` (a tuple of them for several momenta) whose
+      leaves are shardings.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp
+      >>> import jepa_ema
+      >>> ema = jepa_ema.ema((0.99, 0.9999), memory_kind=(None, "pinned_host"))
+      >>> params = {"w": jnp.zeros(4)}
+      >>> shardings = ema.state_shardings(params)
+      >>> [s.target["w"].memory_kind for s in shardings]
+      ['device', 'pinned_host']
+      >>> states = jax.jit(ema.init, out_shardings=shardings)(params)
+      >>> states[1].target["w"].sharding.memory_kind
+      'pinned_host'
+    """
+    placement = getattr(self.update, "placement", None)
+    if placement is None:
+      raise TypeError(
+        "state_shardings() needs an EmaTransformation built by "
+        "jepa_ema.ema(...)."
+      )
+    target_sharding, kinds = placement
+    return state_shardings(
+      params,
+      jax.eval_shape(self.init, params),
+      target_sharding=target_sharding,
+      memory_kind=kinds if len(kinds) > 1 else kinds[0],
+    )
 
   def momentum(self, state_or_step: Any) -> Any:
     """The momentum an update applies, for logging.
@@ -285,6 +326,8 @@ def ema(
   rounding: str = "nearest",
   key: Any = 0,
   policy: _policy.Policy = None,
+  target_sharding: _placement.TargetSharding = None,
+  memory_kind: _placement.MemoryKind = None,
 ) -> EmaTransformation:
   """A stateful EMA of parameters: ``init(params)``, ``update(params, state)``.
 
@@ -371,6 +414,28 @@ def ema(
       enter the target (averaged and copied); ``drift`` is measured over the
       averaged leaves; copied leaves are copied on every update step (with
       ``every=k``: on steps k-1, 2k-1, ...).
+    target_sharding: where the target's leaves live across devices
+      (:mod:`jepa_ema.placement`): None (default: each leaf like its param),
+      a ``jax.sharding.Sharding``, a pytree prefix of the params whose
+      leaves are shardings (``None``: that subtree like the params), or a
+      callable ``params -> such a prefix``. ``init`` creates the target in
+      that layout (eagerly and under ``jit``) and ``update`` keeps it: the
+      online value is resharded into the target's layout before the
+      elementwise blend (bitwise the values without the option). A target
+      sharded over the data axis of replicated params (ZeRO-style) costs
+      1/n of the memory per device and its update moves no data between
+      devices; a target coarser than its params (replicated target, sharded
+      params) costs an all-gather of each param per update. Checked against
+      the params (fit, divisibility, devices) before any state exists.
+    memory_kind: the memory the target's leaves live in, each keeping its
+      sharding: None or ``"device"`` (default), or ``"pinned_host"`` (host
+      memory: no device memory between updates). The blend runs on the
+      device; the transfers (to the device before it, back after) are part
+      of the compiled update, and with ``every=k`` they are inside the
+      update branch (no transfer on the other steps). With several momenta,
+      a tuple gives one per target (e.g. ``(None, "pinned_host")``: the
+      training target on the device, an evaluation EMA on the host).
+      ``state.step`` and the other small fields stay on the device.
 
   Returns:
     An :class:`EmaTransformation` ``(init, update)``.
@@ -378,8 +443,11 @@ def ema(
   Raises:
     ValueError: if a number ``momentum`` is outside ``[0, 1]``, ``dtype`` is
       not floating, ``every < 1``, ``rounding`` is unknown or stochastic
-      without a half-precision target. ``update`` raises ``ValueError`` if
-      the params do not have the structure and shapes of the target.
+      without a half-precision target, ``memory_kind`` is not a memory of
+      the device (or a tuple of the wrong length); from ``init``, if
+      ``target_sharding`` does not fit the params (naming the key path).
+      ``update`` raises ``ValueError`` if the params do not have the
+      structure and shapes of the target.
     TypeError: for a ``momentum`` that is neither callable nor a number, or
       a non-int ``every``; from ``update``, for params whose leaf dtypes the
       target cannot keep (see :func:`~jepa_ema.ema_update`).
@@ -408,7 +476,16 @@ def ema(
     0.9227
   """
   init_fn, update_lazy = _make_ema(
-    momentum, dtype, skip_nonfinite, every, drift, rounding, key, policy
+    momentum,
+    dtype,
+    skip_nonfinite,
+    every,
+    drift,
+    rounding,
+    key,
+    policy,
+    target_sharding,
+    memory_kind,
   )
 
   def update_fn(
@@ -417,6 +494,7 @@ def ema(
     return update_lazy(lambda: params, state)
 
   update_fn.momentum_at = update_lazy.momentum_at  # type: ignore[attr-defined]
+  update_fn.placement = update_lazy.placement  # type: ignore[attr-defined]
   return EmaTransformation(init_fn, update_fn)
 
 
@@ -433,6 +511,8 @@ class _Options(NamedTuple):
   key_data: jax.Array | None
   key_impl: Any
   policy: Any  # jepa_ema.policy.Policy, resolved against the params
+  target_sharding: Any = None  # jepa_ema.placement.TargetSharding
+  memory_kinds: tuple = ()  # one per target: None (device) or an offload kind
 
 
 def _parse_options(
@@ -444,6 +524,8 @@ def _parse_options(
   rounding: Any,
   key: Any,
   policy: Any = None,
+  target_sharding: Any = None,
+  memory_kind: Any = None,
 ) -> _Options:
   """Validates every argument of :func:`ema` / :func:`track_ema` once."""
   several = isinstance(momentum, (tuple, list))
@@ -465,6 +547,10 @@ def _parse_options(
   key_data, key_impl = _rounding.check_key(key) if stochastic else (None, None)
   if isinstance(policy, str):
     _policy.resolve(policy, ())  # validates the action now
+  _placement.check_target_sharding(target_sharding)
+  memory_kinds = _placement.check_memory_kinds(
+    memory_kind, len(schedules), several
+  )
   return _Options(
     schedules,
     several,
@@ -476,6 +562,8 @@ def _parse_options(
     key_data,
     key_impl,
     policy,
+    target_sharding,
+    memory_kinds,
   )
 
 
@@ -485,6 +573,10 @@ def _init_states(
   """``init``: one EmaState per momentum, its target a copy of ``params``."""
   states = []
   actions = _policy.resolve(opts.policy, params)
+  # Checked against the params before any state exists.
+  shardings = _placement.stored(
+    _placement.resolve(opts.target_sharding, params), actions
+  )
   leaves, treedef = jax.tree.flatten(params)
   acts = actions if actions is not None else ("average",) * len(leaves)
   for i in range(len(opts.schedules)):
@@ -499,6 +591,8 @@ def _init_states(
     averaged = jax.tree.unflatten(
       treedef, [t if a == "average" else None for t, a in zip(stored, acts)]
     )
+    if shardings is not None or opts.memory_kinds[i] is not None:
+      target = _placement.place(target, shardings, opts.memory_kinds[i])
     if i == 0 and opts.stochastic:
       if not any(
         _kernel.is_float_leaf(x)
@@ -549,27 +643,38 @@ def _advance(
   actions = _policy.resolve(opts.policy, params)
   kept = _policy.kept(actions)
   read = _policy.only(params, actions, ("average", "copy"))  # enters the target
+  shardings = None
+  if opts.target_sharding is not None:
+    shardings = _placement.stored(
+      _placement.resolve(opts.target_sharding, params), actions
+    )
   params = _policy.stored(params, actions)
   finite = _all_finite(read) if opts.skip_nonfinite else None
+  # The online values in the target's layout: the blend is then elementwise.
+  params = _placement.reshard(params, shardings)
   out = []
-  for schedule, state in zip(opts.schedules, states):
+  for i, (schedule, state) in enumerate(zip(opts.schedules, states)):
     m, m_finite = _every.window_momentum(schedule, step, opts.every)
     lost = jnp.logical_not(m_finite)
     if finite is not None:
       m = jnp.where(finite, m, jnp.float32(1.0))
       lost = lost | jnp.logical_not(finite)
     skipped = jnp.where(lost, _safe_increment(state.skipped), state.skipped)
-    _policy.check_stored(state.target, params, actions)
-    _kernel.check_shardings(state.target, params)
+    kind = opts.memory_kinds[i] if opts.memory_kinds else None
+    old = state.target if kind is None else _placement.to_device(state.target)
+    _policy.check_stored(old, params, actions)
+    _kernel.check_shardings(old, params)
     rounders = None
     if opts.stochastic:
       rounders = _rounding.rounders(
-        state.key, opts.key_impl, step, len(jax.tree.leaves(state.target))
+        state.key, opts.key_impl, step, len(jax.tree.leaves(old))
       )
-    target = _kernel.blend_tree(state.target, params, m, rounders, kept)
+    target = _kernel.blend_tree(old, params, m, rounders, kept)
+    if shardings is not None:
+      target = _placement.reshard(target, shardings)  # auto axes: pinned
     out.append(
       state._replace(
-        target=target,
+        target=_placement.to_memory(target, kind),
         skipped=skipped.astype(jnp.int32),
         drift=_drift.next_drift(
           state.drift,
@@ -594,20 +699,39 @@ def _update_states(
   states = _as_states(state, len(opts.schedules), opts.several)
   step = states[0].step
   every = opts.every
+  offloaded = any(k is not None for k in opts.memory_kinds)
   if every == 1:
     states = _advance(opts, get_params, states)
   elif not isinstance(step, jax.core.Tracer):  # eager: a Python branch
     if int(step) % every == every - 1:
       states = _advance(opts, get_params, states)
   else:
+    # Offloaded targets: the transfers are inside the update branch (none on
+    # the other steps); the idle branch names the same memory (a no-op for
+    # targets already there), so both branches have one type.
+    idle = (lambda s: _in_memory(opts, s)) if offloaded else (lambda s: s)
     states = jax.lax.cond(
       step % every == every - 1,
       lambda s: _advance(opts, get_params, s),
-      lambda s: s,
+      idle,
       states,
     )
-  states = tuple(s._replace(step=_safe_increment(step)) for s in states)
+  if offloaded:
+    # Each state counts its own step: an unused donated step would let
+    # jax.jit pair buffers of other memories by shape and dtype alone.
+    states = tuple(s._replace(step=_safe_increment(s.step)) for s in states)
+  else:
+    states = tuple(s._replace(step=_safe_increment(step)) for s in states)
   return states if opts.several else states[0]
+
+
+def _in_memory(
+  opts: _Options, states: tuple[EmaState, ...]
+) -> tuple[EmaState, ...]:
+  return tuple(
+    s._replace(target=_placement.to_memory(s.target, k))
+    for s, k in zip(states, opts.memory_kinds)
+  )
 
 
 def _momentum_at(opts: _Options, step: Any) -> Any:
@@ -637,15 +761,27 @@ def _make_ema(
   rounding: Any,
   key: Any,
   policy: Any = None,
+  target_sharding: Any = None,
+  memory_kind: Any = None,
 ) -> tuple[Callable[[PyTree], Any], Callable[[Callable[[], PyTree], Any], Any]]:
   """Validates the options; returns ``init`` and ``update_lazy``, the update
   taking a params thunk (so that track_ema builds ``params + updates`` only
   inside the every=k branch)."""
   opts = _parse_options(
-    momentum, dtype, skip_nonfinite, every, drift, rounding, key, policy
+    momentum,
+    dtype,
+    skip_nonfinite,
+    every,
+    drift,
+    rounding,
+    key,
+    policy,
+    target_sharding,
+    memory_kind,
   )
   update_lazy: Any = functools.partial(_update_states, opts)
   update_lazy.momentum_at = functools.partial(_momentum_at, opts)
+  update_lazy.placement = (opts.target_sharding, opts.memory_kinds)
   return functools.partial(_init_states, opts), update_lazy
 
 
@@ -681,6 +817,8 @@ def track_ema(
   rounding: str = "nearest",
   key: Any = 0,
   policy: _policy.Policy = None,
+  target_sharding: _placement.TargetSharding = None,
+  memory_kind: _placement.MemoryKind = None,
   write_back_every: int | None = None,
   write_back_momentum: float = 0.0,
 ) -> optax.GradientTransformation:
@@ -711,6 +849,9 @@ def track_ema(
       targets).
     key: the seed or key of the stochastic rounding.
     policy: the per-leaf policy, as for :func:`ema`.
+    target_sharding: the target's own layout, as for :func:`ema`.
+    memory_kind: the target's memory (e.g. ``"pinned_host"``), as for
+      :func:`ema`.
     write_back_every: ``N``: on updates ``N-1, 2N-1, ...`` (counted from 0)
       the returned updates also move the params to ``write_back_momentum *
       params + (1 - write_back_momentum) * target`` (the post-step params the
@@ -743,7 +884,16 @@ def track_ema(
     [0.9 0.9] [0.95 0.95]
   """
   init_fn, update_lazy = _make_ema(
-    momentum, dtype, skip_nonfinite, every, drift, rounding, key, policy
+    momentum,
+    dtype,
+    skip_nonfinite,
+    every,
+    drift,
+    rounding,
+    key,
+    policy,
+    target_sharding,
+    memory_kind,
   )
   wb_every, wb_momentum = _check_write_back(
     write_back_every, write_back_momentum
@@ -912,22 +1062,34 @@ def _sharding_of(x: Any) -> Any:
   return getattr(x, "sharding", None)
 
 
-def state_shardings(params: PyTree, state: Any = None) -> Any:
+def state_shardings(
+  params: PyTree,
+  state: Any = None,
+  *,
+  target_sharding: _placement.TargetSharding = None,
+  memory_kind: _placement.MemoryKind = None,
+) -> Any:
   """The shardings of the :class:`EmaState` of ``params``.
 
-  The target inherits each parameter's sharding (the update is elementwise,
-  so it then needs no communication); ``step``, ``skipped`` and the small
-  ``drift`` / ``key`` fields are replicated on the same mesh. Use it as
-  ``out_shardings`` of a jitted ``init``, or to build the abstract state for
-  a sharded checkpoint restore::
+  By default the target inherits each parameter's sharding (the update is
+  elementwise, so it then needs no communication); ``step``, ``skipped`` and
+  the small ``drift`` / ``key`` fields are replicated on the same mesh. Use
+  it as ``out_shardings`` of a jitted ``init``, or to build the abstract
+  state for a sharded checkpoint restore::
 
       shardings = jepa_ema.state_shardings(params)
       state = jax.jit(ema.init, out_shardings=shardings)(params)
 
   For an EMA built with options (``drift``, ``rounding="stochastic"``,
-  several momenta), pass the state's structure too, e.g.
+  several momenta, ``policy``), pass the state's structure too, e.g.
   ``state_shardings(params, jax.eval_shape(ema.init, params))``: every
-  :class:`EmaState` in it gets the params' shardings for its target.
+  :class:`EmaState` in it gets the params' shardings for its target. For an
+  EMA built with ``target_sharding=`` or ``memory_kind=``, pass the same
+  keywords (``jax.eval_shape`` drops shardings and memory kinds on Auto mesh
+  axes, so they cannot be read back from an abstract state), or call
+  :meth:`EmaTransformation.state_shardings`, which knows them. A ``state``
+  of concrete arrays is read as it is: its targets' shardings are returned,
+  memory kind included.
 
   Args:
     params: a pytree of arrays, ``jax.ShapeDtypeStruct`` s with shardings, or
@@ -935,10 +1097,17 @@ def state_shardings(params: PyTree, state: Any = None) -> Any:
       Leaves without a sharding map to ``None`` (unspecified).
     state: optional; an EmaState, a tuple of them, or any pytree holding
       them (arrays or ``ShapeDtypeStruct`` s), whose structure is returned.
+    target_sharding: the ``target_sharding=`` the EMA was built with.
+    memory_kind: the ``memory_kind=`` the EMA was built with (a tuple: one
+      per EmaState of ``state``, in its order).
 
   Returns:
     An :class:`EmaState` (or ``state``'s structure) whose leaves are
     shardings.
+
+  Raises:
+    ValueError: if ``params`` holds no sharding, ``state`` no EmaState, or
+      ``target_sharding`` / ``memory_kind`` do not fit (as for :func:`ema`).
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -949,6 +1118,9 @@ def state_shardings(params: PyTree, state: Any = None) -> Any:
     >>> shardings = jepa_ema.state_shardings(params)
     >>> shardings.target["w"] == sh, shardings.step.spec
     (True, P())
+    >>> host = jepa_ema.state_shardings(params, memory_kind="pinned_host")
+    >>> host.target["w"].memory_kind
+    'pinned_host'
   """
   is_sharding = lambda x: isinstance(x, jax.sharding.Sharding)
   target = jax.tree.map(_sharding_of, params, is_leaf=is_sharding)
@@ -972,18 +1144,39 @@ def state_shardings(params: PyTree, state: Any = None) -> Any:
       jax.sharding.Mesh(np.array(devices), ("_replica",)),
       jax.sharding.PartitionSpec(),
     )
+  if target_sharding is not None:
+    _placement.check_target_sharding(target_sharding)
+    own = _placement.resolve(target_sharding, params)
+    assert own is not None
+    treedef: Any = jax.tree.structure(params, is_leaf=is_sharding)
+    leaves = treedef.flatten_up_to(target)
+    target = jax.tree.unflatten(
+      treedef, [p if t is None else t for p, t in zip(leaves, own)]
+    )
+  n = 1 if state is None else max(len(_find_states(state)), 1)
+  kinds = _placement.check_memory_kinds(memory_kind, n, True)
+
+  def in_memory(tree: Any, kind: str | None) -> Any:
+    if kind is None:
+      return tree
+    return jax.tree.map(lambda s: s.with_memory_kind(kind), tree)
+
   if state is None:
-    return EmaState(step=scalar, target=target, skipped=scalar)
+    return EmaState(
+      step=scalar, target=in_memory(target, kinds[0]), skipped=scalar
+    )
   if not _find_states(state):
     raise ValueError(
       f"state_shardings: `state` holds no EmaState (got "
       f"{type(state).__name__})."
     )
   is_state = lambda x: isinstance(x, EmaState)
+  counter = iter(kinds)
 
   def one(x: Any) -> Any:
     if not is_state(x):
       return scalar
+    kind = next(counter)
     # None where a policy excluded a leaf, as in the state's target.
     stored = jax.tree.map(
       lambda t, sh: None if t is None else sh,
@@ -991,6 +1184,14 @@ def state_shardings(params: PyTree, state: Any = None) -> Any:
       target,
       is_leaf=lambda v: v is None or is_sharding(v),
     )
+    concrete = jax.tree.leaves(x.target)
+    if concrete and all(
+      isinstance(t, jax.Array) and not isinstance(t, jax.core.Tracer)
+      for t in concrete
+    ):
+      stored = jax.tree.map(lambda t: t.sharding, x.target)  # as it is
+    else:
+      stored = in_memory(stored, kind)
     return EmaState(
       step=scalar,
       target=stored,
