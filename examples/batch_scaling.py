@@ -36,7 +36,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ijepa_digits as demo  # noqa: E402  (the demo's model, data, eval)
+from ijepa_digits.config import Config  # noqa: E402  (the demo's pieces)
+from ijepa_digits.data import load_data  # noqa: E402
+from ijepa_digits.training import train_run  # noqa: E402
 
 import jepa_ema  # noqa: E402
 
@@ -61,7 +63,7 @@ def variants(kappas: list[float]) -> list[tuple[str, float, bool, bool]]:
 
 
 def run(
-  ref: demo.Config,
+  ref: Config,
   kappa: float,
   scale_m: bool,
   scale_lr: bool,
@@ -83,7 +85,7 @@ def run(
     if scale_m
     else jepa_ema.constant_momentum(REF_MOMENTUM)
   )
-  res = demo.train_run(f"k{kappa:g}", cfg, momentum, data, progress=False)
+  res = train_run(f"k{kappa:g}", cfg, momentum, data, progress=False)
   drift = np.asarray(res["curves"]["drift"])
   keep = np.unique(np.linspace(0, steps - 1, 100).astype(int))
   return {
@@ -172,12 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   args = p.parse_args(argv)
   if any(k <= 0 for k in args.kappas):
     p.error("--kappas must be positive")
-  ref = demo.Config(
+  ref = Config(
     steps=40 if args.quick else args.steps,
     depth=2 if args.quick else 3,
     pred_depth=1 if args.quick else 2,
   )
-  data = demo.load_data()
+  data = load_data()
   result: dict[str, Any] = {
     "seeds": args.seeds,
     "ref_steps": ref.steps,

@@ -33,7 +33,9 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import ijepa_digits as demo  # noqa: E402  (the demo's model, data, eval)
+from ijepa_digits.config import Config  # noqa: E402  (the demo's pieces)
+from ijepa_digits.data import load_data  # noqa: E402
+from ijepa_digits.training import encoder_metrics, train_run  # noqa: E402
 
 import jepa_ema  # noqa: E402
 
@@ -59,14 +61,14 @@ def _dist(a: Any, b: Any) -> float:
 
 
 def one_seed(
-  cfg: demo.Config, seed: int, data: dict, every: int, directory: pathlib.Path
+  cfg: Config, seed: int, data: dict, every: int, directory: pathlib.Path
 ) -> dict[str, Any]:
   cfg = dataclasses.replace(
     cfg, seed=seed, chunk=every, track=SNAPSHOT_SIGMAS + TRUTH_SIGMAS
   )
   snaps = jepa_ema.PostHocSnapshots(directory, SNAPSHOT_SIGMAS, every=every)
   n = len(SNAPSHOT_SIGMAS)
-  res = demo.train_run(
+  res = train_run(
     "posthoc",
     cfg,
     cfg.momentum,
@@ -85,12 +87,12 @@ def one_seed(
     "reconstructed": {},
   }
   for sigma, target in tracked.items():
-    out["tracked"][str(sigma)] = demo.encoder_metrics(cfg, target, data)
+    out["tracked"][str(sigma)] = encoder_metrics(cfg, target, data)
   for sigma in GRID:
     t0 = time.time()
     rec = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=sigma)
     seconds = time.time() - t0
-    m = demo.encoder_metrics(cfg, rec, data)
+    m = encoder_metrics(cfg, rec, data)
     m["seconds"] = seconds
     if sigma in tracked:  # its ground truth was tracked directly
       truth = tracked[sigma]
@@ -212,13 +214,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   every = 20 if args.quick else args.every
   if every < 1 or steps < every:
     p.error("need 1 <= --every <= --steps")
-  cfg = demo.Config(
+  cfg = Config(
     steps=steps,
     warmup=max(steps // 10, 1),
     depth=2 if args.quick else 3,
     pred_depth=1 if args.quick else 2,
   )
-  data = demo.load_data()
+  data = load_data()
   t0 = time.time()
   per_seed = []
   for seed in args.seeds:

@@ -4,6 +4,7 @@ and the random-init targets), its checkpoint/resume (bit-identical, also
 after a real kill -9 at known points of the checkpoint writer; clear errors
 for corrupt or mismatched checkpoints), and each recipe."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -24,6 +25,13 @@ pytestmark = pytest.mark.standard_promotion  # flax / optax / sklearn inside
 
 def load(name):
   return runpy.run_path(str(EXAMPLES / name))
+
+
+def demo_module(name):
+  """A module of the demo's package, ``examples/ijepa_digits/``."""
+  if str(EXAMPLES) not in sys.path:
+    sys.path.insert(0, str(EXAMPLES))
+  return importlib.import_module(f"ijepa_digits.{name}")
 
 
 # The demo's small model (--quick), trained long enough for its claim to
@@ -220,6 +228,7 @@ def test_checkpoint_resume_after_kill_is_bit_identical(tmp_path, env):
 
 def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
   demo = load("ijepa_digits.py")
+  checkpoint_error = demo_module("checkpoints").CheckpointError
   args = [
     *COMMON,
     "--steps",  # argparse keeps the last value: 20 steps, not COMMON's 60
@@ -231,7 +240,7 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
   ]
   demo["main"](args)
   # A different configuration in the same directory: refused, not restarted.
-  with pytest.raises(demo["CheckpointError"], match="different configuration"):
+  with pytest.raises(checkpoint_error, match="different configuration"):
     demo["main"]([*args, "--lr", "5e-4"])
   # Damage every file of the checkpoints: refused with the path and step.
   state_dir = tmp_path / "ck" / "ema" / "state"
@@ -241,11 +250,11 @@ def test_corrupt_and_mismatched_checkpoints_fail_clearly(tmp_path):
       f.write_bytes(b"\x00garbage")
       damaged += 1
   assert damaged
-  with pytest.raises(demo["CheckpointError"], match="cannot restore step 20"):
+  with pytest.raises(checkpoint_error, match="cannot restore step 20"):
     demo["main"](args)
   # A corrupt config file is reported too.
   (tmp_path / "ck" / "ema" / "config.json").write_text("{not json")
-  with pytest.raises(demo["CheckpointError"], match="corrupt"):
+  with pytest.raises(checkpoint_error, match="corrupt"):
     demo["main"](args)
 
 
@@ -267,9 +276,9 @@ def test_recipe(name, capsys):
 def test_masks_are_a_block_and_random_context():
   import jax
 
-  demo = load("ijepa_digits.py")
+  masks = demo_module("masks")
   ctx, tgt = (
-    np.asarray(a) for a in demo["sample_masks"](jax.random.key(0), 2048, 6, 2)
+    np.asarray(a) for a in masks.sample_masks(jax.random.key(0), 2048, 6, 2)
   )
   assert ctx.shape == (2048, 6) and tgt.shape == (2048, 4)
   rows, cols = np.divmod(tgt, 4)
@@ -288,7 +297,7 @@ def test_masks_are_a_block_and_random_context():
   frac = picked.sum(0) / outside.sum(0)
   assert np.all(np.abs(frac - 0.5) < 0.06), frac
   with pytest.raises(ValueError, match="context"):
-    demo["sample_masks"](jax.random.key(0), 4, 13, 2)
+    masks.sample_masks(jax.random.key(0), 4, 13, 2)
 
 
 def _labels(n_per_class=40, seed=0):
@@ -297,23 +306,23 @@ def _labels(n_per_class=40, seed=0):
 
 
 def test_evaluation_separable_embeddings_score_100():
-  demo = load("ijepa_digits.py")
+  evaluate = demo_module("evaluation").evaluate
   rng = np.random.default_rng(0)
   y_tr, y_te = _labels(40, 0), _labels(10, 1)
   centers = rng.normal(size=(10, 32)) * 10
   z_tr = centers[y_tr] + rng.normal(size=(len(y_tr), 32))
   z_te = centers[y_te] + rng.normal(size=(len(y_te), 32))
-  m = demo["evaluate"](z_tr, z_te, y_tr, y_te)
+  m = evaluate(z_tr, z_te, y_tr, y_te)
   for key in ("knn5", "1shot", "5shot", "linear"):
     assert m[key] == 1.0, (key, m)
   assert m["eff_rank"] > 5
 
 
 def test_evaluation_constant_embeddings_are_chance_and_rank_one():
-  demo = load("ijepa_digits.py")
+  evaluate = demo_module("evaluation").evaluate
   y_tr, y_te = _labels(40, 0), _labels(10, 1)
   z_tr, z_te = np.ones((len(y_tr), 16)), np.ones((len(y_te), 16))
-  m = demo["evaluate"](z_tr, z_te, y_tr, y_te)
+  m = evaluate(z_tr, z_te, y_tr, y_te)
   for key in ("knn5", "1shot", "5shot", "linear"):
     assert m[key] <= 0.15, (key, m)  # chance: 0.10
   assert m["eff_rank"] == pytest.approx(1.0, abs=1e-6)
@@ -323,15 +332,15 @@ def test_evaluation_constant_embeddings_are_chance_and_rank_one():
 def test_evaluation_is_rotation_invariant():
   """A random rotation (and a rescaling) of the embedding space changes no
   score: nothing in the evaluation depends on the basis."""
-  demo = load("ijepa_digits.py")
-  data = demo["load_data"]()
+  evaluate = demo_module("evaluation").evaluate
+  data = demo_module("data").load_data()
   rng = np.random.default_rng(0)
   proj = rng.normal(size=(64, 24))  # a weak random-feature encoder
   z_tr = np.tanh(data["pix_train"] @ proj / 8)
   z_te = np.tanh(data["pix_test"] @ proj / 8)
   q, _ = np.linalg.qr(rng.normal(size=(24, 24)))
-  a = demo["evaluate"](z_tr, z_te, data["y_train"], data["y_test"], seed=3)
-  b = demo["evaluate"](
+  a = evaluate(z_tr, z_te, data["y_train"], data["y_test"], seed=3)
+  b = evaluate(
     3.0 * z_tr @ q, 3.0 * z_te @ q, data["y_train"], data["y_test"], seed=3
   )
   assert 0.3 < a["knn5"] < 1.0  # a non-trivial case

@@ -1,5 +1,6 @@
 """The built sdist and wheel: the wheel installs into a fresh virtual
-environment and works there without the source tree, and ships py.typed."""
+environment and works there without the source tree, and ships py.typed and
+the Apache-2.0 LICENSE (sdist and wheel)."""
 
 import math
 import os
@@ -8,6 +9,7 @@ import re
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import zipfile
 
 import pytest
@@ -32,6 +34,23 @@ def test_wheel_builds_installs_and_runs(tmp_path):
   assert "jepa_ema/py.typed" in names
   assert "jepa_ema/posthoc.py" in names and "jepa_ema/_kernel.py" in names
   assert not any(n.startswith(("tests/", "examples/")) for n in names)
+  # The license pyproject.toml declares, in both distributions, verbatim.
+  license_text = (ROOT / "LICENSE").read_bytes()
+  assert b"Apache License" in license_text and b"Version 2.0" in license_text
+  with zipfile.ZipFile(wheels[0]) as whl:
+    shipped = [
+      n for n in names if re.fullmatch(r"[^/]+\.dist-info/.*LICENSE", n)
+    ]
+    assert len(shipped) == 1, names
+    assert whl.read(shipped[0]) == license_text
+    metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
+    assert re.search(
+      r"^License: Apache-2\.0$", whl.read(metadata).decode(), re.M
+    )
+  with tarfile.open(sdists[0]) as sdist:
+    member = next(m for m in sdist.getnames() if m.endswith("/LICENSE"))
+    extracted = sdist.extractfile(member)
+    assert extracted is not None and extracted.read() == license_text
 
   venv = tmp_path / "venv"
   subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
