@@ -47,6 +47,7 @@ __all__ = [
   "reshard",
   "to_device",
   "to_memory",
+  "tie",
 ]
 
 PyTree = Any
@@ -290,6 +291,8 @@ def reshard(tree: PyTree, shardings: Sequence[Any] | None) -> PyTree:
 def _space(x: Any, space: Any) -> Any:
   if not isinstance(x, jax.Array):
     return x
+  if getattr(jax.typeof(x), "memory_space", None) == space:
+    return x  # already there: no transfer, not even an annotation
   return jax.device_put(x, space)
 
 
@@ -312,3 +315,25 @@ def place(
 ) -> PyTree:
   """A new target laid out in ``shardings`` and put in memory ``kind``."""
   return to_memory(reshard(tree, shardings), kind)
+
+
+def _tie_leaf(new: Any, old: Any) -> Any:
+  if not (isinstance(new, jax.Array) and isinstance(old, jax.Array)):
+    return new
+  if new.shape != old.shape or new.dtype != old.dtype:
+    return new
+  return jax.lax.select(jax.numpy.full(new.shape, True), new, old)
+
+
+def tie(new: PyTree, old: PyTree) -> PyTree:
+  """``new``, reading ``old`` (a select on a constant ``True``).
+
+  An offloaded target leaf the update does not read (a non-floating leaf or
+  a ``"copy"`` one, both replaced by the online value) would be an unused
+  donated input: ``jax.jit`` drops it, and its pairing of donated inputs
+  with outputs by shape and dtype alone (JAX 0.10.2) can then alias a
+  device buffer to a ``pinned_host`` output, which aborts the process. The
+  select keeps the input alive until XLA folds it away (no instruction
+  remains), after the aliases are set.
+  """
+  return jax.tree.map(_tie_leaf, new, old)

@@ -672,6 +672,9 @@ def _advance(
     target = _kernel.blend_tree(old, params, m, rounders, kept)
     if shardings is not None:
       target = _placement.reshard(target, shardings)  # auto axes: pinned
+    if any(k is not None for k in opts.memory_kinds):
+      # Every target, also one on the device: jit pools donated inputs.
+      target = _placement.tie(target, old)
     out.append(
       state._replace(
         target=_placement.to_memory(target, kind),
