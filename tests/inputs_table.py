@@ -405,6 +405,69 @@ ROWS: list[Row] = [
     raises=ValueError,
     match="write_back_every",
   ),
+  # ------------------------------------------------ layout and placement
+  Row(
+    "placement",
+    "a memory kind the device does not have",
+    "jepa_ema.ema(0.9, memory_kind='hbm')",
+    "`ValueError` naming it and listing the device's memories, when built",
+    raises=ValueError,
+    match="`memory_kind` 'hbm' is not a memory of this device.*'pinned_host'",
+  ),
+  Row(
+    "placement",
+    "`'unpinned_host'` (a memory XLA:CPU has)",
+    "jepa_ema.ema(0.9, memory_kind='unpinned_host')",
+    "`ValueError`: inside `jit` JAX 0.10.2 places arrays in `'device'` or "
+    "`'pinned_host'` memory only (a transfer to it is dropped)",
+    raises=ValueError,
+    match="'unpinned_host' cannot hold a target",
+  ),
+  Row(
+    "placement",
+    "a tuple of memory kinds of another length than the momenta",
+    "jepa_ema.ema((0.9, 0.99), memory_kind=('pinned_host',))",
+    "`ValueError` naming both counts",
+    raises=ValueError,
+    match="1 memory kinds, but the EMA has 2 momenta",
+  ),
+  Row(
+    "placement",
+    "a target sharding that is not a `Sharding`",
+    "jepa_ema.ema(0.9, target_sharding={'w': 'data'})",
+    "`TypeError` naming the key path, when built",
+    raises=TypeError,
+    match=r"got str 'data' at \['w'\]",
+  ),
+  Row(
+    "placement",
+    "a target sharding key the params lack",
+    "jepa_ema.ema(0.9, target_sharding={'v': jax.sharding.SingleDeviceSharding("
+    "jax.devices()[0])}).init(target)",
+    "`ValueError` naming the key path, before any state exists",
+    raises=ValueError,
+    match=r"\['v'\], which is not a key path of the params",
+  ),
+  Row(
+    "placement",
+    "a target sharding of more dimensions than the leaf",
+    "jepa_ema.ema(0.9, target_sharding=jax.sharding.NamedSharding("
+    "jax.make_mesh((1,), ('data',)), jax.sharding.PartitionSpec('data', None)"
+    ")).init(target)",
+    "`ValueError` naming the key path and the shape (one that does not divide "
+    "a leaf, or lies on other devices: likewise, tested on 8 devices)",
+    raises=ValueError,
+    match=r"does not fit the param at \['w'\]: its spec has 2 entries",
+  ),
+  Row(
+    "placement",
+    "a target sharding with a memory kind",
+    "jepa_ema.ema(0.9, target_sharding=jax.sharding.SingleDeviceSharding("
+    "jax.devices()[0], memory_kind='pinned_host'))",
+    "`ValueError`: the memory is `memory_kind=`'s",
+    raises=ValueError,
+    match="memory_kind='pinned_host'",
+  ),
   # ---------------------------------------------------------------- steps
   Row(
     "steps",

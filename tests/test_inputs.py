@@ -51,9 +51,14 @@ def test_every_row_says_what_happens():
   for row in inputs_table.ROWS:
     said = [row.raises, row.warns, row.check]
     assert sum(x is not None for x in said) == 1, row.what
-    assert row.group in ("momentum", "trees", "leaves", "policy", "steps"), (
-      row.group
-    )
+    assert row.group in (
+      "momentum",
+      "trees",
+      "leaves",
+      "policy",
+      "placement",
+      "steps",
+    ), row.group
 
 
 def test_docs_render_the_table():
