@@ -20,6 +20,13 @@ params and target, 10 for bfloat16 params with a float32 target):
   ``ema`` over three EMAs (ideal 28/36 = 0.78x); 1000 x 1024 leaves inside a
   step over one flat buffer of the same size; ``every=4`` per step over the
   plain update; bfloat16 stochastic rounding over round-to-nearest;
+* **the target's placement** (ViT-L/16, float32): ``ema().jit()`` with the
+  target in ``memory_kind="pinned_host"``, updated every step and with
+  ``every=10`` (per step), against the target in device memory; and the
+  compiled update's per-device memory (``memory_analysis``: arguments,
+  outputs, temporaries, host arguments) for each. One device, so of the
+  scale layouts of ``scale_bench.py`` only the memory-kind part applies: a
+  target sharded over a one-device mesh is the target on that device;
 * **structure on the device**: one trace per configuration over many steps,
   the donated target written in place (the same buffer pointers), and the
   compiled update's scratch memory (XLA's ``memory_analysis``) as a share of
@@ -130,8 +137,11 @@ class Check:
       "trees": {},
       "blocked": {},
       "structure": {},
+      "placement": {},
       "skipped": [],
     }
+    # ViT-L for the placement cases (the last tree of a tiny run).
+    self.placement_tree = "vit_l16" if "vit_l16" in trees else list(trees)[-1]
     self.torch = self._torch()
 
   def _torch(self) -> Any:
@@ -425,6 +435,79 @@ class Check:
       }
     return out
 
+  # -- the target's placement
+
+  def placement(self, sh: dict) -> dict[str, Any]:
+    """Offloaded target (``pinned_host``) against the target on the device,
+    every step and every 10th; memory per device from XLA."""
+    jax, jnp, je = self.jax, self.jnp, self.je
+    kinds = {str(m.kind) for m in jax.devices()[0].addressable_memories()}
+    out: dict[str, Any] = {"memory kinds of the device": sorted(kinds)}
+    if "pinned_host" not in kinds:
+      self.res["skipped"].append("placement (no pinned_host memory)")
+      return out
+    online = self.make(sh, jnp.float32, 1)
+    n = n_params(sh)
+    cases = {
+      "device, every=1": (je.ema(MOMENTUM), 1),
+      "pinned_host, every=1": (je.ema(MOMENTUM, memory_kind="pinned_host"), 1),
+      "pinned_host, every=10": (
+        je.ema(MOMENTUM, memory_kind="pinned_host", every=10),
+        10,
+      ),
+      "device, every=10": (je.ema(MOMENTUM, every=10), 10),
+    }
+    ms: dict[str, float] = {}
+    mem: dict[str, Any] = {}
+    for name, (ema, calls) in cases.items():
+      if self.budget.over():
+        self.res["skipped"].append(f"placement {name}")
+        self.budget.slot()
+        continue
+      upd = ema.jit()
+      box = [ema.init(self.make(sh, jnp.float32, 0))]
+      try:
+        analysis = upd.lower(online, box[0]).compile().memory_analysis()
+        mem[name] = {
+          k: int(getattr(analysis, k))
+          for k in (
+            "argument_size_in_bytes",
+            "output_size_in_bytes",
+            "temp_size_in_bytes",
+            "alias_size_in_bytes",
+            "host_argument_size_in_bytes",
+            "host_temp_size_in_bytes",
+          )
+          if hasattr(analysis, k)
+        }
+      except Exception:  # pylint: disable=broad-except
+        mem[name] = None
+
+      def run(upd=upd, box=box, calls=calls):
+        for _ in range(calls):
+          box[0] = upd(online, box[0])
+        jax.block_until_ready(box[0])
+
+      ms[name] = timeit(run, self.budget.slot()) / calls * 1e3
+      out[f"{name} target kind"] = str(
+        jax.tree.leaves(box[0].target)[0].sharding.memory_kind
+      )
+      del box, run
+    out["ms per step"] = ms
+    out["memory per device"] = mem
+    out["model copy bytes"] = 4 * n
+    dev = ms.get("device, every=1")
+    if dev:
+      for name in ("pinned_host, every=1", "pinned_host, every=10"):
+        if name in ms:
+          out[f"{name} / device, every=1"] = ms[name] / dev
+    if "pinned_host, every=1" in ms:
+      # host <-> device traffic of one offloaded update: the target both ways
+      out["pinned_host, every=1 GBps (8 bytes/param moved)"] = (
+        8 * n / (ms["pinned_host, every=1"] / 1e3) / 1e9
+      )
+    return out
+
   # -- all
 
   def run(self) -> dict[str, Any]:
@@ -452,6 +535,9 @@ class Check:
         self.res["blocked"] = self.blocked(sh)
         log(f"{name}: structure")
         self.res["structure"] = self.structure(sh)
+      if name == self.placement_tree:
+        log(f"{name}: the target's placement (pinned_host vs device)")
+        self.res["placement"] = {"tree": name, **self.placement(sh)}
       self.res["trees"][name] = {"params": n}
       for mode in ("f32", "bf16 params, f32 target"):
         log(f"{name}: {mode}")
@@ -532,6 +618,31 @@ def markdown(res: dict[str, Any]) -> str:
       f"{v['donated target in place']} | "
       f"{'–' if sc is None else f'{100 * sc:.2f} %'} |"
     )
+  pl = res.get("placement") or {}
+  if pl.get("ms per step"):
+    lines += [
+      "",
+      f"## The target's placement ({pl['tree']}, float32, one device)",
+      "",
+      "| case | ms per step | arguments / host arguments / temp (MB) |",
+      "|---|---|---|",
+    ]
+    for k, v in pl["ms per step"].items():
+      mem = pl["memory per device"].get(k) or {}
+      sizes = " / ".join(
+        f"{mem[f] / 2**20:.1f}" if f in mem else "–"
+        for f in (
+          "argument_size_in_bytes",
+          "host_argument_size_in_bytes",
+          "temp_size_in_bytes",
+        )
+      )
+      lines.append(f"| {k} | {v:.3f} | {sizes} |")
+    lines += [""] + [
+      f"* {k}: {v:.3f}"
+      for k, v in pl.items()
+      if k.endswith("every=1") or k.endswith("moved)")
+    ]
   return "\n".join(lines) + "\n"
 
 
@@ -559,8 +670,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
       p.error(f"unknown trees {sorted(unknown)}; choose from {list(trees)}")
     trees = {k: trees[k] for k in args.trees}
-  # roofline 2 + 2 modes x 6 variants per tree; blocked ~10; structure.
-  planned = len(trees) * 14 + 10
+  # roofline 2 + 2 modes x 6 variants per tree; blocked ~10; structure;
+  # placement 4.
+  planned = len(trees) * 14 + 14
   check = Check(trees, Budget(args.budget_s, planned), args.tiny)
   res = check.run()
   import jax

@@ -107,6 +107,13 @@ def test_device_check_tiny_runs_end_to_end(tmp_path):
   for row in res["structure"].values():
     assert row["traces over 5 steps"] == 1
     assert row["donated target in place"] is True
+  placement = res["placement"]  # the CPU has pinned_host memory too
+  assert len(placement["ms per step"]) == 4
+  for key in ("pinned_host, every=1", "pinned_host, every=10"):
+    assert placement[f"{key} target kind"] == "pinned_host"
+    ratio = placement[f"{key} / device, every=1"]
+    assert math.isfinite(ratio) and ratio > 0
+  assert placement["device, every=1 target kind"] == "device"
 
 
 def test_device_check_vit_g_is_a_billion_parameters():
@@ -116,3 +123,73 @@ def test_device_check_vit_g_is_a_billion_parameters():
   n = module.n_params(module.shapes(module.TREES["vit_g14"]))
   assert 0.9e9 < n < 1.1e9
   assert module.n_params(module.shapes(module.TREES["vit_b16"])) == 85_798_656
+
+
+SCALE = PATH.parent / "scale_bench.py"
+
+
+@pytest.fixture(scope="module")
+def scale(tmp_path_factory):
+  """``scale_bench.py --tiny`` on 8 simulated CPU devices (a subprocess: the
+  device count is fixed when jax starts), the layouts the tests read."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  out = tmp_path_factory.mktemp("scale")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  proc = subprocess.run(
+    [sys.executable, str(SCALE), "--tiny", "--out", str(out)]
+    + ["--layouts", "dp", "dp_zero", "lora"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert (out / "scale_results.md").read_text().startswith("Measured on")
+  return json.loads((out / "scale_results.json").read_text())
+
+
+def test_scale_full_model_is_vit_b(scale):
+  # The full run's encoder is the ViT-B/16 tree (blocks stacked for a scan).
+  assert scale["meta"]["full encoder params"] == 85_798_656
+
+
+def test_scale_zero_target_is_an_eighth_per_device(scale):
+  a, b = scale["layouts"]["dp"], scale["layouts"]["dp_zero"]
+  for r in (a, b):  # the shardings' figure is the arrays' own shards
+    assert (
+      r["target bytes on device 0 (its shards)"]
+      == (r["target bytes per device"])
+    )
+  assert a["target bytes per device"] == a["target bytes (global)"]
+  assert 8 * b["target bytes per device"] == a["target bytes per device"]
+  # and XLA's per-device arguments shrink by exactly the target's 7/8
+  mem = "memory per device, step with EMA"
+  arg = "argument_size_in_bytes"
+  assert a[mem][arg] - b[mem][arg] == (
+    a["target bytes per device"] - b["target bytes per device"]
+  )
+
+
+def test_scale_zero_update_adds_no_collective(scale):
+  for name in ("dp", "dp_zero", "lora"):
+    r = scale["layouts"][name]
+    added = r["collectives added by the EMA update"]
+    assert all(v == 0 for v in added.values()), (name, added)
+    assert r["collectives, EMA update alone"] == {}, name
+  # the data-parallel step's one all-reduce (the gradients) stays the only
+  # collective with a target laid out like the params
+  assert set(scale["layouts"]["dp"]["collectives, step with EMA"]) == {
+    "all-reduce"
+  }
+
+
+def test_scale_lora_state_is_the_adapters(scale):
+  e = scale["layouts"]["lora"]
+  assert e["target bytes (global)"] == e["adapter bytes (global)"]
+  assert e["target bytes per device"] == e["adapter bytes (global)"]
+  assert e["target bytes (global)"] < e["tracked bytes (global)"]
