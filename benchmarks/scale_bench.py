@@ -4,11 +4,15 @@ EMA's share of an I-JEPA-like train step, on 8 simulated CPU devices.
 The train step: a ViT-B/16-sized context encoder (the timm parameter tree of
 ``ema_bench.vit_shapes``: 85.8 M params), a narrow predictor, AdamW (optax),
 and the target encoder as an EMA of the context encoder (``jepa_ema.ema``),
-read every step by the teacher's forward pass as in I-JEPA. To keep a step
-affordable on a 2-core CPU the *compute* is shrunk (a few tokens per image,
-one image per device) while the *parameter tree* keeps its full size; memory
-and collectives are exact, the time shares are upper bounds for a real
-I-JEPA step (whose forward/backward is ~100x longer).
+read every step by the teacher's forward pass as in I-JEPA. The blocks'
+leaves are stacked and run in a ``lax.scan`` (same parameter count, short
+compilation). Memory and collectives come from the full-size step compiled
+from abstract arrays (``ShapeDtypeStruct`` s with shardings: nothing is
+allocated). The times come from the same layout with the encoder cut to
+``--time-depth`` blocks (default 2), run for real: 8 replicas of the full
+tree and its AdamW state would need ~15 GB here. The *compute* is shrunk too
+(a few tokens per image, one image per device), so the EMA's share of the
+step is far larger than in a real I-JEPA step.
 
 Layouts (a mesh of 8 devices on one axis, ``data``, with Auto axes):
 
@@ -37,7 +41,10 @@ offloading saves on an accelerator.
 Usage::
 
   python benchmarks/scale_bench.py            # ~10 min; writes scale_results.*
-  python benchmarks/scale_bench.py --tiny --out /tmp/sb   # seconds
+  python benchmarks/scale_bench.py --tiny --out /tmp/sb   # ~1 min of CPU
+
+``--tiny`` lowers LLVM's optimisation level (the HLO, so memory and
+collectives, is unchanged; checked) because its cost is compilation.
 """
 
 from __future__ import annotations
