@@ -46,9 +46,10 @@ demo: $(VENV)/.examples  ## run the main example: a tiny I-JEPA on digits (~2 mi
 sweep: $(VENV)/.examples  ## momentum sweep, 3 seeds -> docs/momentum_sweep.{png,json} (~15 min)
 	$(PY) examples/ijepa_digits.py --sweep --seeds 0 1 2 --out-dir docs
 
-experiments: $(VENV)/.examples  ## EMA Scaling Rule and post-hoc EMA experiments -> docs/ (~15 min)
+experiments: $(VENV)/.examples  ## EMA Scaling Rule, post-hoc EMA and BN-policy experiments -> docs/ (~25 min)
 	$(PY) examples/batch_scaling.py --out-dir docs
 	$(PY) examples/posthoc_digits.py --out-dir docs
+	$(PY) examples/policy_digits.py --out-dir docs
 
 lint: $(VENV)/.test  ## ruff (lint + format check) over the repository, mypy over jepa_ema/
 	$(PY) -m ruff check .

@@ -348,3 +348,31 @@ def test_evaluation_is_rotation_invariant():
     assert b[key] == pytest.approx(
       a[key], abs=1 / 360 if key in ("1shot", "5shot", "linear") else 1e-9
     ), key
+
+
+def test_policy_page_holds_the_experiment_figures():
+  """docs/howto/policy.md quotes examples/policy_digits.py's results: its
+  table is the summary of docs/policy.json, and the paired differences in
+  its text are those of the JSON (to the 0.1 point it prints)."""
+  policy = load("policy_digits.py")
+  result = json.loads((ROOT / "docs" / "policy.json").read_text())
+  page = (ROOT / "docs" / "howto" / "policy.md").read_text()
+  assert policy["summary"](result) in page
+  # The paired differences against "copy" that the text quotes, per seed.
+  quoted = [
+    ("average", "knn5"),
+    ("own", "knn5"),
+    ("keep", "knn5"),
+    ("keep", "1shot"),
+  ]
+  for variant, key in quoted:
+    diffs = [
+      100 * (r[variant]["target"][key] - r["copy"]["target"][key])
+      for r in result["per_seed"]
+    ]
+    said = ", ".join(f"{d:+.1f}".replace("-", "−") for d in diffs[:-1])
+    assert f"{said} and {diffs[-1]:+.1f}".replace("-", "−") in page, (
+      variant,
+      key,
+      diffs,
+    )
