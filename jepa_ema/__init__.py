@@ -38,7 +38,7 @@ from jepa_ema.transform import (
 )
 from jepa_ema.update import ShardingMismatchWarning, ema_update, make_ema_update
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = [
   "Schedule",
