@@ -202,17 +202,17 @@ def resolve(spec: TargetSharding, params: PyTree) -> tuple | None:
       f"\n  params structure: {str(jax.tree.structure(params))[:300]}"
     ) from None
   out: list[Any] = []
-  for sharding, sub in zip(jax.tree.leaves(prefix, is_leaf=is_leaf), subtrees):
+  for (at, sharding), sub in zip(_flatten(prefix), subtrees):
     for path, x in jax.tree_util.tree_flatten_with_path(sub)[0]:
       if sharding is not None:
-        _check_fits(sharding, x, path, sub is x)
+        # The key path from the params' root: the prefix's, then the leaf's.
+        _check_fits(sharding, x, tuple(at) + tuple(path))
       out.append(sharding)
   return tuple(out)
 
 
-def _check_fits(sharding: Any, x: Any, path: Any, whole: bool) -> None:
-  where = jax.tree_util.keystr(path) if not whole else ""
-  where = where or "this leaf"
+def _check_fits(sharding: Any, x: Any, path: Any) -> None:
+  where = jax.tree_util.keystr(path) or "the params (a single leaf)"
   if _is_sharding(x):  # state_shardings of shardings: no shape to check
     if set(x.device_set) != set(sharding.device_set):
       raise ValueError(

@@ -202,3 +202,29 @@ def test_default_paths_compile_to_the_same_program(kw):
 def test_target_sharding_must_hold_shardings():
   with pytest.raises(TypeError, match=r"\['w'\]"):
     jepa_ema.ema(0.9, target_sharding={"w": "data"})
+
+
+@pytest.mark.parametrize(
+  "prefix, where",
+  [
+    (lambda bad: {"enc": bad, "head": None}, r"\['enc'\]\['b'\]"),
+    (lambda bad: {"enc": None, "head": bad}, r"\['head'\]"),
+    (
+      lambda bad: {"enc": {"w": None, "b": bad}, "head": None},
+      r"\['enc'\]\['b'\]",
+    ),
+  ],
+)
+def test_bad_sharding_in_a_prefix_names_the_full_key_path(prefix, where):
+  # The key path from the params' root, not from the prefix's leaf.
+  mesh = jax.make_mesh((1,), ("data",))
+  bad = jax.sharding.NamedSharding(
+    mesh, jax.sharding.PartitionSpec("data", None, None)
+  )
+  params = {
+    "enc": {"w": jnp.ones((4, 2)), "b": jnp.ones(2)},
+    "head": jnp.ones(3),
+  }
+  e = jepa_ema.ema(0.9, target_sharding=prefix(bad))
+  with pytest.raises(ValueError, match=where + r": its spec has 3 entries"):
+    e.init(params)
