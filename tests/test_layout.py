@@ -72,6 +72,13 @@ def test_zero_style_target_costs_a_fraction_per_device(result, axes):
 
 
 @pytest.mark.parametrize("axes", AXES)
+def test_layout_kept_when_the_step_reads_the_new_target_whole(result, axes):
+  # A jitted step that updates and then reads the target replicated (a
+  # teacher): the returned target is still sharded over "data".
+  assert result[axes]["zero_read_whole_keeps"] is True
+
+
+@pytest.mark.parametrize("axes", AXES)
 def test_finer_layout_inside_sharded_params_has_no_collective(result, axes):
   # Params sharded over "model", target over both axes.
   assert result[axes]["finer_collectives"] == []
@@ -148,6 +155,18 @@ def test_offloaded_targets_live_in_host_memory(result, name):
   host = result["host"]
   assert host[f"{name}_checks"] == [True] * 9
   assert set(host[f"{name}_steps"]) == {6}
+  # state.step, skipped (and the other small fields) stay on the device.
+  assert host[f"{name}_small_on_device"] is True
+
+
+def test_state_in_device_memory_is_moved_to_its_memory_kind(result):
+  # E.g. restored without its memory kind: with every=3 the jitted update
+  # moves it on idle and update steps alike, values bitwise the plain EMA.
+  assert result["host"]["from_device_checks"] == [True] * 4
+
+
+def test_device_put_brings_an_offloaded_target_back(result):
+  assert result["host"]["brought_back"] is True
 
 
 def test_posthoc_snapshots_save_offloaded_targets_unchanged(result):

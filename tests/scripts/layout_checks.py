@@ -178,6 +178,26 @@ for axes in ("auto", "explicit"):
   )
   r["zero_eager_keeps"] = layout(s.target) == want(params, lambda x: P("data"))
 
+  # The new target read whole in the same jitted step (a teacher reading it
+  # replicated): on Auto axes only the update's own constraint keeps the
+  # returned target in its layout (without it XLA replicates it).
+  e = jepa_ema.ema(0.9, target_sharding=by_data)
+  s0 = jax.jit(e.init, out_shardings=e.state_shardings(params))(params)
+
+  def read_whole(t):
+    if axes == "auto":
+      return jax.lax.with_sharding_constraint(t, rep)
+    return jax.sharding.reshard(t, rep)
+
+  def step_reading(p, s, e=e):
+    s = e.update(p, s)
+    return s, jax.tree.map(lambda t: read_whole(t) * 2.0, s.target)
+
+  s1, _ = jax.jit(step_reading, donate_argnums=1)(seq[0], s0)
+  r["zero_read_whole_keeps"] = layout(s1.target) == want(
+    params, lambda x: P("data")
+  )
+
   # Params sharded over "model", target over both axes: still inside.
   params_m = {
     "enc": {
@@ -379,7 +399,35 @@ for name, (momenta, kw) in {
     rs = jax.jit(ref.update)(p, rs)
     checks.append(ok_kinds(s) and bitwise(s, rs))
   host[f"{name}_checks"] = checks
+  host[f"{name}_small_on_device"] = all(
+    x.sharding.memory_kind == "device"
+    for st in as_tuple(s)
+    for x in jax.tree.leaves(st._replace(target=None))
+  )
   host[f"{name}_steps"] = [int(st.step) for st in as_tuple(s)]
+
+# A state in device memory (e.g. restored without its memory kind) is moved
+# to its memory kind by the jitted update, on update and idle steps alike.
+e = jepa_ema.ema(0.9, every=3, memory_kind=HOST)
+ref = jepa_ema.ema(0.9, every=3)
+s, rs = ref.init(single), ref.init(single)
+checks = []
+try:
+  for p in steps[:4]:
+    s = jax.jit(e.update)(p, s)
+    rs = jax.jit(ref.update)(p, rs)
+    checks.append(
+      all(x.sharding.memory_kind == HOST for x in jax.tree.leaves(s.target))
+      and bitwise(s, rs)
+    )
+except Exception as err:  # pylint: disable=broad-except
+  checks.append(f"{type(err).__name__}: {str(err)[:200]}")
+host["from_device_checks"] = checks
+# jax.device_put to device memory brings an offloaded target back.
+back = jax.device_put(s.target, jax.memory.Space.Device)
+host["brought_back"] = [
+  x.sharding.memory_kind for x in jax.tree.leaves(back)
+] == ["device"] * len(jax.tree.leaves(back)) and bitwise(back, s.target)
 
 # PostHocSnapshots saves offloaded targets unchanged.
 sigmas = (0.05, 0.10)
