@@ -181,11 +181,34 @@ def resolve(spec: TargetSharding, params: PyTree) -> tuple | None:
   its leaf: it must divide the leaf's shape, and lie on the devices of a
   concrete param.
 
+  Args:
+    spec: what ``target_sharding=`` was given.
+    params: the params (arrays, tracers or ``ShapeDtypeStruct`` s).
+
+  Returns:
+    A tuple with one sharding (or None) per leaf of ``params``, in leaf
+    order; None for ``spec=None``.
+
   Raises:
-    ValueError: naming the key path, for a prefix that does not fit the
-      params, a sharding that does not divide a leaf (or has more
-      dimensions), or one on other devices than the param.
+    ValueError: naming the key path from the params' root, for a prefix
+      that does not fit the params, a sharding that does not divide a leaf
+      (or has more dimensions), or one on other devices than the param.
     TypeError: for a leaf of the prefix that is not a Sharding.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> params = {"enc": {"w": jnp.ones((4, 2))}, "head": jnp.ones(3)}
+    >>> by_data = NamedSharding(mesh, P("data"))
+    >>> out = resolve({"enc": by_data, "head": None}, params)
+    >>> [s if s is None else s.spec for s in out]
+    [P('data',), None]
+    >>> two_dims = NamedSharding(mesh, P("data", None))
+    >>> resolve({"enc": None, "head": two_dims}, params)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: ... at ['head']: its spec has 2 entries, the param has shape (3,).
   """
   if spec is None:
     return None
