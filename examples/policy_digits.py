@@ -43,7 +43,6 @@ import sys
 import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +52,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from ijepa_digits.config import Config  # noqa: E402  (the demo's pieces)
 from ijepa_digits.data import NUM_TOKENS, PATCH_DIM, load_data  # noqa: E402
 from ijepa_digits.evaluation import evaluate  # noqa: E402
-from ijepa_digits.masks import sample_masks  # noqa: E402
-from ijepa_digits.model import Block, Predictor, sincos_positions  # noqa: E402
+from ijepa_digits.model import Encoder, Predictor  # noqa: E402
+from ijepa_digits.training import as_targets, draw_batch, optimizer  # noqa: E402
 
 import jepa_ema  # noqa: E402
 
@@ -66,29 +65,6 @@ ACTIONS = {
   "keep": "keep",
   "own": "exclude",
 }
-
-
-class BNEncoder(nn.Module):
-  """The demo's encoder with a BatchNorm after the patch embedding (over the
-  batch and all 16 tokens, before the context tokens are selected)."""
-
-  width: int
-  depth: int
-  heads: int
-  mlp_ratio: int
-
-  @nn.compact
-  def __call__(
-    self, patches: jax.Array, idx: jax.Array | None = None, train: bool = False
-  ) -> jax.Array:
-    x = nn.Dense(self.width)(patches)
-    x = nn.BatchNorm(use_running_average=not train)(x)
-    x = x + sincos_positions(self.width)
-    if idx is not None:
-      x = jnp.take_along_axis(x, idx[..., None], axis=1)
-    for _ in range(self.depth):
-      x = Block(self.width, self.heads, self.mlp_ratio)(x)
-    return nn.LayerNorm()(x)
 
 
 class State(NamedTuple):
@@ -110,14 +86,13 @@ class Runner(NamedTuple):
 @functools.lru_cache(maxsize=8)
 def build(cfg: Config, variant: str) -> Runner:
   """The train step of one variant (the demo's, with BN in the encoder)."""
-  encoder = BNEncoder(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio)
+  encoder = Encoder(
+    cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, batch_norm=True
+  )
   predictor = Predictor(
     cfg.pred_width, cfg.pred_depth, cfg.heads, cfg.mlp_ratio, cfg.width
   )
-  lr = optax.warmup_cosine_decay_schedule(
-    0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), cfg.lr / 100
-  )
-  tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
+  tx = optimizer(cfg)
   # The policy: a prefix of the encoder's variables.
   ema = jepa_ema.ema(
     MOMENTUM, policy={"params": "average", "batch_stats": ACTIONS[variant]}
@@ -163,12 +138,7 @@ def build(cfg: Config, variant: str) -> Runner:
       target_stats = new["batch_stats"]
     else:
       z, target_stats = encoder.apply(target, x), None
-    z = (z - z.mean(-1, keepdims=True)) / jnp.sqrt(
-      z.var(-1, keepdims=True) + 1e-6
-    )
-    z = jax.lax.stop_gradient(
-      jnp.take_along_axis(z, tgt_idx[..., None], axis=1)
-    )
+    z = as_targets(z, tgt_idx)
     ctx, new = encoder.apply(
       {"params": trainable["encoder"], "batch_stats": batch_stats},
       x,
@@ -183,14 +153,7 @@ def build(cfg: Config, variant: str) -> Runner:
     return loss, (new["batch_stats"], target_stats)
 
   def train_step(state: State, x_train: jax.Array) -> tuple[State, jax.Array]:
-    key = jax.random.fold_in(state.rng, state.step)
-    k_batch, k_mask = jax.random.split(key)
-    x = x_train[
-      jax.random.randint(k_batch, (cfg.batch_size,), 0, x_train.shape[0])
-    ]
-    ctx_idx, tgt_idx = sample_masks(
-      k_mask, cfg.batch_size, cfg.context, cfg.target_block
-    )
+    x, ctx_idx, tgt_idx = draw_batch(cfg, state.rng, state.step, x_train)
     trainable = {
       "encoder": state.params["encoder"]["params"],
       "predictor": state.params["predictor"],
@@ -242,18 +205,7 @@ def _stats_gap(target: Any, online: Any) -> float:
 def one_run(cfg: Config, variant: str, data: dict) -> dict[str, Any]:
   runner = build(dataclasses.replace(cfg, seed=0), variant)
   x_train = jnp.asarray(data["x_train"])
-  x_test = jnp.asarray(data["x_test"])
   state = runner.init(cfg.seed)
-
-  def metrics(variables: Any) -> dict[str, float]:
-    return evaluate(
-      np.asarray(runner.embed(variables, x_train)),
-      np.asarray(runner.embed(variables, x_test)),
-      data["y_train"],
-      data["y_test"],
-      cfg.seed,
-    )
-
   t0 = time.time()
   losses = []
   for start in range(0, cfg.steps, cfg.chunk):
@@ -264,7 +216,7 @@ def one_run(cfg: Config, variant: str, data: dict) -> dict[str, Any]:
   target = runner.target_variables(state)
   online = state.params["encoder"]
   return {
-    "target": metrics(target),
+    "target": metrics(runner, target, data, cfg.seed),
     "final_loss": losses[-1],
     "stats_gap": _stats_gap(target["batch_stats"], online["batch_stats"]),
     "train_seconds": seconds,
@@ -276,12 +228,19 @@ def init_metrics(cfg: Config, data: dict) -> dict[str, float]:
   initial statistics), the same for every variant."""
   runner = build(dataclasses.replace(cfg, seed=0), "average")
   variables = runner.init(cfg.seed).params["encoder"]
+  return metrics(runner, variables, data, cfg.seed)
+
+
+def metrics(
+  runner: Runner, variables: Any, data: dict, seed: int
+) -> dict[str, float]:
+  """The demo's evaluation of an encoder's variables (eval mode)."""
   return evaluate(
     np.asarray(runner.embed(variables, jnp.asarray(data["x_train"]))),
     np.asarray(runner.embed(variables, jnp.asarray(data["x_test"]))),
     data["y_train"],
     data["y_test"],
-    cfg.seed,
+    seed,
   )
 
 

@@ -45,18 +45,28 @@ class Block(nn.Module):
 
 
 class Encoder(nn.Module):
-  """ViT over the patch tokens listed in ``idx`` (all 16 if ``idx`` is None)."""
+  """ViT over the patch tokens listed in ``idx`` (all 16 if ``idx`` is None).
+
+  ``batch_norm=True`` adds a BatchNorm after the patch embedding (statistics
+  over the batch and all 16 tokens, before the context is selected; batch
+  statistics when ``train``, the running ones otherwise), so the encoder has
+  ``batch_stats`` besides its ``params`` (examples/policy_digits.py). The
+  demo's encoder has none."""
 
   width: int
   depth: int
   heads: int
   mlp_ratio: int
+  batch_norm: bool = False
 
   @nn.compact
   def __call__(
-    self, patches: jax.Array, idx: jax.Array | None = None
+    self, patches: jax.Array, idx: jax.Array | None = None, train: bool = False
   ) -> jax.Array:
-    x = nn.Dense(self.width)(patches) + sincos_positions(self.width)
+    x = nn.Dense(self.width)(patches)
+    if self.batch_norm:
+      x = nn.BatchNorm(use_running_average=not train)(x)
+    x = x + sincos_positions(self.width)
     if idx is not None:
       x = jnp.take_along_axis(x, idx[..., None], axis=1)
     for _ in range(self.depth):

@@ -68,6 +68,44 @@ class Model(NamedTuple):
   embed: Callable[[Any, jax.Array], jax.Array]
 
 
+def optimizer(cfg: Config) -> optax.GradientTransformation:
+  """AdamW, linear warm-up then cosine decay to 1 % of the peak lr."""
+  lr = optax.warmup_cosine_decay_schedule(
+    0.0,
+    cfg.lr,
+    cfg.warmup,
+    max(cfg.steps, cfg.warmup + 1),
+    end_value=cfg.lr / 100,
+  )
+  return optax.adamw(lr, weight_decay=cfg.weight_decay)
+
+
+def draw_batch(
+  cfg: Config, rng: jax.Array, step: jax.Array, x_train: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Step ``step``'s batch of images and masks, ``(x, ctx_idx, tgt_idx)``:
+  a pure function of the run's key and the step (so a resume redraws it)."""
+  k_batch, k_mask = jax.random.split(jax.random.fold_in(rng, step))
+  x = x_train[
+    jax.random.randint(k_batch, (cfg.batch_size,), 0, x_train.shape[0])
+  ]
+  ctx_idx, tgt_idx = sample_masks(
+    k_mask, cfg.batch_size, cfg.context, cfg.target_block
+  )
+  return x, ctx_idx, tgt_idx
+
+
+def as_targets(z: jax.Array, tgt_idx: jax.Array) -> jax.Array:
+  """The target encoder's outputs ``z`` at the target tokens, layer-normed
+  (as in I-JEPA) and behind ``stop_gradient``: what the predictor regresses."""
+  z = (z - z.mean(-1, keepdims=True)) / jnp.sqrt(
+    z.var(-1, keepdims=True) + 1e-6
+  )
+  return jax.lax.stop_gradient(
+    jnp.take_along_axis(z, tgt_idx[..., None], axis=1)
+  )
+
+
 def curve_steps(cfg: Config) -> list[int]:
   """The steps at which the target's embedding std is recorded."""
   return sorted(set(range(0, cfg.steps, cfg.chunk)) | {cfg.steps})
@@ -82,14 +120,7 @@ def build(cfg: Config) -> Model:
   predictor = Predictor(
     cfg.pred_width, cfg.pred_depth, cfg.heads, cfg.mlp_ratio, cfg.width
   )
-  lr = optax.warmup_cosine_decay_schedule(
-    0.0,
-    cfg.lr,
-    cfg.warmup,
-    max(cfg.steps, cfg.warmup + 1),
-    end_value=cfg.lr / 100,
-  )
-  tx = optax.adamw(lr, weight_decay=cfg.weight_decay)
+  tx = optimizer(cfg)
   n_tgt = cfg.target_block**2
   tracked_ema = (
     jepa_ema.ema(tuple(jepa_ema.power_momentum(sigma_rel=s) for s in cfg.track))
@@ -148,12 +179,7 @@ def build(cfg: Config) -> Model:
   # --8<-- [start:read]
   def loss_fn(params, target_params, x, ctx_idx, tgt_idx):
     target = encoder.apply({"params": target_params}, x)
-    target = (target - target.mean(-1, keepdims=True)) / jnp.sqrt(
-      target.var(-1, keepdims=True) + 1e-6
-    )  # layer-normed, as in I-JEPA
-    target = jax.lax.stop_gradient(
-      jnp.take_along_axis(target, tgt_idx[..., None], axis=1)
-    )
+    target = as_targets(target, tgt_idx)  # layer-normed, stop-gradient
     # --8<-- [end:read]
     ctx = encoder.apply({"params": params["encoder"]}, x, ctx_idx)
     pred = predictor.apply(
@@ -164,14 +190,7 @@ def build(cfg: Config) -> Model:
   def train_step(
     state: TrainState, momenta: jax.Array, x_train: jax.Array
   ) -> tuple[TrainState, jax.Array]:
-    key = jax.random.fold_in(state.rng, state.step)
-    k_batch, k_mask = jax.random.split(key)
-    x = x_train[
-      jax.random.randint(k_batch, (cfg.batch_size,), 0, x_train.shape[0])
-    ]
-    ctx_idx, tgt_idx = sample_masks(
-      k_mask, cfg.batch_size, cfg.context, cfg.target_block
-    )
+    x, ctx_idx, tgt_idx = draw_batch(cfg, state.rng, state.step, x_train)
     # --8<-- [start:update]
     loss, grads = jax.value_and_grad(loss_fn)(
       state.params, state.ema.target, x, ctx_idx, tgt_idx
