@@ -30,6 +30,7 @@ __all__ = [
   "is_real_float_leaf",
   "leaf_dtype",
   "check_trees",
+  "prefix_mismatch",
   "mesh_and_spec",
   "explicit_spec",
   "check_shardings",
@@ -138,6 +139,23 @@ def _check_dtypes(path: Any, t: Any, o: Any) -> None:
       "the result would change the target's dtype. Give both the same dtype "
       "(e.g. build the target from the params with ema().init)."
     )
+
+
+def prefix_mismatch(
+  flat_prefix: Sequence[tuple[Any, Any]], params: PyTree, holder: str
+) -> str:
+  """Why a prefix tree does not fit ``params``: names its first key path that
+  is not one of the params' (``flat_prefix`` as ``tree_flatten_with_path``
+  gives it; ``holder`` names the tree in the message, e.g. "the policy")."""
+  param_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  for path, leaf in flat_prefix:
+    n = len(path)
+    if not any(tuple(q[:n]) == tuple(path) for q in param_paths):
+      return (
+        f"{holder} has {leaf!r} at {jax.tree_util.keystr(path) or '<root>'}"
+        ", which is not a key path of the params"
+      )
+  return "its structure is not a prefix of the params' structure"
 
 
 def check_trees(target: PyTree, online: PyTree) -> None:

@@ -35,6 +35,8 @@ from typing import Any, Union
 import jax
 import numpy as np
 
+from jepa_ema import _kernel
+
 __all__ = [
   "TargetSharding",
   "MemoryKind",
@@ -158,18 +160,6 @@ def _check_one(leaf: Any, where: str) -> None:
     )
 
 
-def _mismatch(prefix: Any, params: PyTree) -> str:
-  param_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  for path, leaf in _flatten(prefix):
-    n = len(path)
-    if not any(tuple(q[:n]) == tuple(path) for q in param_paths):
-      return (
-        f"it has {leaf!r} at {jax.tree_util.keystr(path) or '<root>'}, which "
-        "is not a key path of the params"
-      )
-  return "its structure is not a prefix of the params' structure"
-
-
 def _device_ids(sharding: Any) -> list[int]:
   return sorted(d.id for d in sharding.device_set)
 
@@ -219,8 +209,9 @@ def resolve(spec: TargetSharding, params: PyTree) -> tuple | None:
   try:
     subtrees = prefix_def.flatten_up_to(params)
   except (ValueError, TypeError):
+    why = _kernel.prefix_mismatch(_flatten(prefix), params, "it")
     raise ValueError(
-      f"`target_sharding` does not fit the params: {_mismatch(prefix, params)}"
+      f"`target_sharding` does not fit the params: {why}"
       f".\n  target_sharding structure: {str(prefix_def)[:300]}"
       f"\n  params structure: {str(jax.tree.structure(params))[:300]}"
     ) from None

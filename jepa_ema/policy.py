@@ -138,19 +138,6 @@ def policy_by_path(
   return policy
 
 
-def _prefix_mismatch(prefix: PyTree, params: PyTree) -> str:
-  """Names the first key path of ``prefix`` that is not one of ``params``."""
-  param_paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
-  for path, action in jax.tree_util.tree_flatten_with_path(prefix)[0]:
-    n = len(path)
-    if not any(tuple(q[:n]) == tuple(path) for q in param_paths):
-      return (
-        f"the policy has {action!r} at {jax.tree_util.keystr(path) or '<root>'}"
-        ", which is not a key path of the params"
-      )
-  return "its structure is not a prefix of the params' structure"
-
-
 def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
   """One action per leaf of ``params`` (``jax.tree.leaves`` order).
 
@@ -175,8 +162,10 @@ def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
   try:
     subtrees = prefix_def.flatten_up_to(params)
   except (ValueError, TypeError):
+    flat = jax.tree_util.tree_flatten_with_path(prefix)[0]
+    why = _kernel.prefix_mismatch(flat, params, "the policy")
     raise ValueError(
-      f"the policy does not fit the params: {_prefix_mismatch(prefix, params)}"
+      f"the policy does not fit the params: {why}"
       f".\n  policy structure: {str(prefix_def)[:300]}"
       f"\n  params structure: {str(jax.tree.structure(params))[:300]}"
     ) from None
