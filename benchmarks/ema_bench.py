@@ -12,6 +12,16 @@ Variants (each one EMA step of a whole parameter tree):
 * ``jepa_ema ema().jit()``       the stateful wrapper as a user calls it, state
                                  donated (in place);
 * ``jepa_ema make_ema_update``   the bound three-argument update (donated);
+* ``jepa_ema jit(ema_update)``   the pure update under the user's own
+                                 ``jax.jit`` (traced momentum, donated);
+* ``bare tree_map``              the one line users compare with:
+                                 ``jit(tree_map(a + (1 - m) * (b - a)))``,
+                                 donated; the ``x bare`` column divides its
+                                 fastest round by each variant's;
+* ``hand-mapped kernel``         jepa_ema's elementwise kernel (its guards
+                                 included) mapped over the tree by hand, with
+                                 a cosine schedule inside the jit: the kernel
+                                 without the library around it;
 * ``jepa_ema in train step``     ``ema().update`` inside a bigger jitted
                                  function (K updates in a ``fori_loop``): the
                                  in-graph cost, dispatch paid once per step;
@@ -25,6 +35,10 @@ Variants (each one EMA step of a whole parameter tree):
                                  (10 bytes per parameter);
 * ``jit dispatch floor``         a donated jit that returns its input: what
                                  JAX pays per call for the argument buffers.
+
+The in-step table (``--instep``, on by default) reads XLA's cost analysis
+("bytes accessed") of a jitted AdamW step with and without the EMA, per
+parameter, and times the steps side by side.
 
 Peak memory: for each variant, in a fresh subprocess, what one update
 allocates beyond the resident state (the two model copies and the compiled
@@ -287,6 +301,73 @@ class JepaBound(Variant):
     jax.block_until_ready(self.target)
 
 
+class JepaPure(Variant):
+  name = "jepa_ema jit(ema_update) (donated)"
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    import jepa_ema
+
+    self.fn = jax.jit(jepa_ema.ema_update, donate_argnums=0)
+    self.online = shared(tree, "jax_online")
+    self.target = jax_tree(tree, 0)
+    self.m = jnp.float32(MOMENTUM)
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target, self.online, 0, self.m)
+    jax.block_until_ready(self.target)
+
+
+class BareTreeMap(Variant):
+  """The one line a user would otherwise write, jitted and donated."""
+
+  name = "bare tree_map a + (1 - m)(b - a) (donated)"
+
+  def setup(self, tree):
+    jax, _ = _jax()
+    m = MOMENTUM
+    self.fn = jax.jit(
+      lambda t, o: jax.tree.map(lambda a, b: a + (1 - m) * (b - a), t, o),
+      donate_argnums=0,
+    )
+    self.online = shared(tree, "jax_online")
+    self.target = jax_tree(tree, 0)
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target, self.online)
+    jax.block_until_ready(self.target)
+
+
+class HandKernel(Variant):
+  """jepa_ema's kernel mapped by hand, cosine schedule inside the jit."""
+
+  name = "hand-mapped kernel (donated)"
+
+  def setup(self, tree):
+    jax, jnp = _jax()
+    import jepa_ema
+    from jepa_ema import _kernel
+
+    schedule = jepa_ema.cosine_momentum(MOMENTUM, 1.0, total_steps=10**6)
+
+    def update(t, o, step):
+      m = jnp.asarray(schedule(step), jnp.float32)
+      a = 1 - m
+      return jax.tree.map(lambda x, y: _kernel.lerp(x, y, m, a), t, o)
+
+    self.fn = jax.jit(update, donate_argnums=0)
+    self.online = shared(tree, "jax_online")
+    self.target = jax_tree(tree, 0)
+    self.step = jnp.int32(0)
+
+  def run(self):
+    jax, _ = _jax()
+    self.target = self.fn(self.target, self.online, self.step)
+    jax.block_until_ready(self.target)
+
+
 K_INNER = 8
 
 
@@ -492,8 +573,11 @@ def all_variants() -> list[type[Variant]]:
   out = [
     Roofline,
     RooflineXla,
+    BareTreeMap,
+    HandKernel,
     JepaWrapper,
     JepaBound,
+    JepaPure,
     JepaInStep,
     FlatInStep,
     JitTreeMapDonate,
@@ -596,6 +680,72 @@ def memory_of(tree: str, variant_name: str) -> dict[str, float] | None:
   }
 
 
+# ------------------------------------------------------------------ in step
+
+
+def instep(tree: str, repeats: int) -> dict[str, Any]:
+  """What the EMA adds to a jitted AdamW step: XLA's "bytes accessed" per
+  parameter (cost analysis of the compiled step) and the fastest of
+  ``repeats`` interleaved rounds, for the step alone, with ``track_ema``
+  last in the chain, and with ``ema().update`` after ``apply_updates``."""
+  jax, jnp = _jax()
+  import optax
+
+  import jepa_ema
+
+  n = num_params(tree)
+  adamw = optax.adamw(1e-3)
+  chained = optax.chain(optax.adamw(1e-3), jepa_ema.track_ema(MOMENTUM))
+  ema = jepa_ema.ema(MOMENTUM)
+
+  def plain(p, s, g):
+    u, s = adamw.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  def tracked(p, s, g):
+    u, s = chained.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  def separate(p, s, g):
+    (opt, es) = s
+    u, opt = adamw.update(g, opt, p)
+    p = optax.apply_updates(p, u)
+    return p, (opt, ema.update(p, es))
+
+  grads = jax.tree.map(lambda x: x * 1e-3, shared(tree, "jax_online"))
+  cases = {
+    "AdamW step alone": (plain, adamw.init),
+    "+ track_ema (last in the chain)": (tracked, chained.init),
+    "+ ema().update after apply_updates": (
+      separate,
+      lambda p: (adamw.init(p), ema.init(p)),
+    ),
+  }
+  fns, states, out = {}, {}, {}
+  for name, (f, init) in cases.items():
+    params = jax_tree(tree, 0)
+    state = init(params)
+    fns[name] = jax.jit(f, donate_argnums=(0, 1))
+    compiled = fns[name].lower(params, state, grads).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out[name] = {"bytes_per_param": cost["bytes accessed"] / n}
+    states[name] = fns[name](params, state, grads)
+    jax.block_until_ready(states[name])
+  times: dict[str, list[float]] = {k: [] for k in cases}
+  for _ in range(repeats):
+    for name in cases:
+      t0 = time.perf_counter()
+      states[name] = fns[name](*states[name], grads)
+      jax.block_until_ready(states[name])
+      times[name].append(time.perf_counter() - t0)
+  base = min(times["AdamW step alone"])
+  for name in cases:
+    out[name]["ms_min"] = min(times[name]) * 1e3
+    out[name]["vs_alone"] = min(times[name]) / base
+  return out
+
+
 # --------------------------------------------------------------------- main
 
 
@@ -613,6 +763,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   )
   p.add_argument("--repeats", type=int, default=None)
   p.add_argument("--no-memory", action="store_true")
+  p.add_argument(
+    "--no-instep",
+    action="store_true",
+    help="skip the AdamW-step table (bytes per parameter and time)",
+  )
   p.add_argument(
     "--json",
     default=None,
@@ -665,6 +820,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The roofline: the best flat 2-read-1-write pass measured in this run.
     roof = min(t for k, t in med.items() if k.startswith(ROOF_PREFIX))
     torch_ref = med.get(TorchLerp.name)
+    bare_min = min(times[BareTreeMap.name]) if BareTreeMap.name in times else None
     rows = {}
     mem_variants = [
       v
@@ -692,6 +848,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
           roof / t * v.bytes_per_param / 12 if v.bytes_per_param else None
         ),
         "vs_torch_lerp": torch_ref / t if torch_ref else None,
+        # Fastest round against fastest round: the least noisy same-run ratio.
+        "vs_bare_min": (
+          bare_min / min(times[v.name])
+          if bare_min and v.bytes_per_param == 12
+          else None
+        ),
         "extra_mem": mem.get(v.name),
         "samples": len(times[v.name]),
       }
@@ -703,9 +865,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     head = (
       f"\n## {tree}: {n / 1e6:.1f} M float32 params, "
       f"{len(tree_shapes(tree))} leaves, {12 * n / 1e9:.2f} GB moved "
-      "per update\n\n| variant | ms (median) | GB/s | x roofline | "
-      "x torch lerp | held after 1st call | peak per update |\n"
-      "|---|---|---|---|---|---|---|"
+      f"per update (roofline measured in this run: {12 * n / roof / 1e9:.1f} "
+      "GB/s)\n\n| variant | ms (median) | ms (fastest) | GB/s | x roofline | "
+      "x bare tree_map (fastest) | x torch lerp | held after 1st call | "
+      "peak per update |\n|---|---|---|---|---|---|---|---|---|"
     )
     lines.append(head)
     print(head)
@@ -718,9 +881,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else f"{100 * mem['held']:.1f}% | {100 * mem['peak']:.1f}%"
       )
       line = (
-        f"| {name} | {r['ms_median']:.2f} | {fmt(r['gb_s'], '.1f')} | "
-        f"{fmt(r['vs_roofline'], '.2f')} | "
+        f"| {name} | {r['ms_median']:.2f} | {r['ms_min']:.2f} | "
+        f"{fmt(r['gb_s'], '.1f')} | {fmt(r['vs_roofline'], '.2f')} | "
+        f"{fmt(r['vs_bare_min'], '.3f')} | "
         f"{fmt(r['vs_torch_lerp'], '.2f')} | {mem_s} |"
+      )
+      lines.append(line)
+      print(line, flush=True)
+  if not args.no_instep:
+    tree = "vit_s16" if args.quick else "vit_b16"
+    res = instep(tree, repeats)
+    results["instep"] = {"tree": tree, "rows": res}
+    base = res["AdamW step alone"]["bytes_per_param"]
+    head = (
+      f"\n## In a jitted AdamW step ({tree}, fastest of {repeats} rounds)\n\n"
+      "| step | bytes accessed per param (XLA) | marginal | ms (fastest) "
+      "| x the step alone |\n|---|---|---|---|---|"
+    )
+    lines.append(head)
+    print(head)
+    for name, r in res.items():
+      line = (
+        f"| {name} | {r['bytes_per_param']:.1f} | "
+        f"{r['bytes_per_param'] - base:+.1f} | {r['ms_min']:.1f} | "
+        f"{r['vs_alone']:.3f} |"
       )
       lines.append(line)
       print(line, flush=True)

@@ -22,6 +22,7 @@ __all__ = [
   "relative_distance",
   "zero_drift",
   "next_drift",
+  "held",
 ]
 
 PyTree = _kernel.PyTree
@@ -68,7 +69,9 @@ def drift_modules(tree: PyTree) -> list[str]:
 def relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
   """``||target - online|| / ||online||`` over all floating leaves and per
   top-level entry of the tree, in float32: ``{"global": x, "per_module":
-  {name: x}}``. 0/0 counts as 0 and x/0 (x > 0) as inf.
+  {name: x}}``. 0/0 counts as 0 and x/0 (x > 0) as inf; a NaN in either
+  tree, or an Inf in the params, gives NaN (never a 0 that reads as
+  "close").
   """
   t_leaves, _ = jax.tree_util.tree_flatten_with_path(target)
   o_leaves = jax.tree.leaves(online)
@@ -82,9 +85,10 @@ def relative_distance(target: PyTree, online: PyTree) -> dict[str, Any]:
 
   def ratio(d: jax.Array, n: jax.Array) -> jax.Array:
     safe = jnp.sqrt(d / jnp.where(n > 0, n, 1.0))
-    return jnp.where(n > 0, safe, jnp.where(d > 0, jnp.inf, 0.0)).astype(
-      jnp.float32
-    )
+    value = jnp.where(n > 0, safe, jnp.where(d > 0, jnp.inf, 0.0))
+    # NaN in either tree reads as NaN (Inf in the params gives inf/inf).
+    bad = jnp.isnan(d) | jnp.isnan(n)
+    return jnp.where(bad, jnp.nan, value).astype(jnp.float32)
 
   total_d = sum((d for d, _ in sums.values()), jnp.float32(0))
   total_n = sum((n for _, n in sums.values()), jnp.float32(0))
@@ -133,3 +137,13 @@ def next_drift(
   return jax.lax.cond(
     due, lambda: relative_distance(target, params), lambda: last
   )
+
+
+def held(lost: jax.Array | bool, last: Any, new: Any) -> Any:
+  """``last`` if the update was skipped (``lost``), else ``new``: a skipped
+  update leaves the drift as it was, like the target (None: off)."""
+  if last is None:
+    return new
+  if not isinstance(lost, jax.core.Tracer):
+    return last if bool(lost) else new
+  return jax.tree.map(lambda a, b: jnp.where(lost, a, b), last, new)

@@ -7,6 +7,7 @@ in steps stays that of the per-step EMA.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -16,7 +17,13 @@ import numpy as np
 from jepa_ema import _kernel
 from jepa_ema import schedules as _schedules
 
-__all__ = ["check_every", "window_momentum", "exact_product"]
+__all__ = [
+  "WindowSchedule",
+  "window_schedule",
+  "check_every",
+  "window_momentum",
+  "exact_product",
+]
 
 
 def check_every(every: Any) -> int:
@@ -118,3 +125,26 @@ def exact_product(ms: jax.Array) -> jax.Array:
   one, zero = jnp.float32(1.0), jnp.float32(0.0)
   hi, lo = jax.lax.fori_loop(0, ms.shape[0], mul, (one, zero))
   return (hi + lo).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowSchedule:
+  """The momentum one ``every=k`` update applies, by the window's first
+  step: ``t -> prod(schedule(s) for s in t .. t + k - 1)`` (what
+  :func:`window_momentum` gives at the window's last step)."""
+
+  schedule: _schedules.Schedule
+  every: int
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    last = jnp.asarray(step) + self.every - 1
+    m, _ = window_momentum(self.schedule, last, self.every)
+    return m
+
+
+def window_schedule(
+  schedule: _schedules.Schedule, every: int
+) -> _schedules.Schedule:
+  """``schedule`` itself for ``every == 1``, else its :class:`WindowSchedule`
+  (what the stagnation check judges: the momentum each update applies)."""
+  return schedule if every == 1 else WindowSchedule(schedule, every)

@@ -1,8 +1,9 @@
 """The EMA update of a parameter pytree: ``target <- m * target + (1 - m) * online``.
 
-This module is the kernel: it knows pytrees, dtypes and checks, and nothing of
-optax state. :func:`ema_update` is a pure function that works eagerly and
-inside any ``jax.jit``; :func:`make_ema_update` binds a schedule once and
+The public update: it knows pytrees, dtypes and checks (the kernel and its
+rules live in :mod:`jepa_ema._kernel`), and nothing of optax state.
+:func:`ema_update` is a pure function that works eagerly and inside any
+``jax.jit``; :func:`make_ema_update` binds a schedule once and
 returns the jit-compiled, buffer-donating three-argument update a training
 loop calls.
 
@@ -20,7 +21,8 @@ rounded step of weight <= 1/2 cannot overshoot, every output lies between
 target and online, which plain ``m * t + (1 - m) * o`` does not guarantee in
 floating point. The selects on the scalar momentum are free: XLA fuses them
 into the one memory-bound pass (12 bytes per float32 parameter), and the
-result runs as fast as the plain formula.
+result runs as fast as the plain formula (``benchmarks/ema_bench.py`` times
+it beside a bare jitted ``tree_map``).
 """
 
 from __future__ import annotations
@@ -30,7 +32,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import numpy as np
 
 from jepa_ema import _kernel, _rounding
 from jepa_ema import policy as _policy
@@ -46,7 +47,6 @@ __all__ = [
 
 
 PyTree = _kernel.PyTree
-_INT32_MIN, _INT32_MAX = np.iinfo(np.int32).min, np.iinfo(np.int32).max
 EmaUpdateFn = Callable[[PyTree, PyTree, jax.typing.ArrayLike], PyTree]
 """``(target, online, step) -> new_target``, as returned by :func:`make_ema_update`."""
 
@@ -84,9 +84,11 @@ def ema_update(
     (``TypeError`` naming the key path and both dtypes otherwise).
   * A concrete momentum outside ``[0, 1]`` raises. A traced one (under
     ``jit``) cannot, so it gets a defined value: finite values are clipped to
-    ``[0, 1]``, NaN and +-Inf leave the target unchanged; run under
-    ``jax.experimental.checkify.checkify`` to have them reported (otherwise
-    the check costs nothing).
+    ``[0, 1]``, NaN and +-Inf leave the whole target unchanged (its
+    integer and copied leaves too). To have them
+    reported, wrap the momentum in :func:`jepa_ema.checked_momentum` and run
+    under ``jax.experimental.checkify.checkify`` (unchecked, the default, the
+    program has no effect and ``jit`` keeps its fast dispatch path).
   * Leaves keep their sharding and the update is elementwise, so it needs no
     communication between devices. Changing ``step`` never recompiles.
 
@@ -129,12 +131,18 @@ def ema_update(
     >>> print(np.asarray(jepa_ema.ema_update(target, online, 5, schedule)["w"]).round(4))
     [0.25 0.25]
   """
-  m, _ = _kernel.resolve_momentum(momentum, step)
+  m, finite = _kernel.resolve_momentum(momentum, step)
   actions = _policy.resolve(policy, online)
   online = _policy.stored(online, actions)
   _policy.check_stored(target, online, actions)
   _kernel.check_shardings(target, online)
-  return _kernel.blend_tree(target, online, m, actions=_policy.kept(actions))
+  kept = _policy.kept(actions)
+  new = _kernel.blend_tree(target, online, m, actions=kept)
+  if isinstance(finite, jax.core.Tracer):  # a NaN/Inf momentum: no change
+    new = _kernel.hold_unblended(
+      new, target, jax.numpy.logical_not(finite), kept
+    )
+  return new
 
 
 def make_ema_update(
@@ -214,11 +222,8 @@ def make_ema_update(
     if check_next[0]:
       stored = _policy.stored(online, _policy.resolve(policy, online))
       _kernel.check_shardings(target, stored)
-    if isinstance(step, (int, np.integer)) and not (
-      _INT32_MIN <= step <= _INT32_MAX
-    ):
-      # jit would raise OverflowError (int) or wrap around (np.int64).
-      step = np.float32(step)
+    # Beyond int32, jit would raise OverflowError (int) or wrap (np.int64).
+    step = _kernel.fit_step(step)
     before = cache_size()
     out = jitted(target, online, step)
     compiled = cache_size() != before

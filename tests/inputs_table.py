@@ -223,11 +223,12 @@ ROWS: list[Row] = [
   ),
   Row(
     "momentum",
-    "a traced NaN, run under `checkify`",
-    "checkify.checkify(jax.jit(ema_update))"
-    "(target, online, 7, jnp.float32(jnp.nan))",
+    "a traced NaN, checked, run under `checkify`",
+    "checkify.checkify(jax.jit(lambda t, o, s, m: ema_update(t, o, s, "
+    "jepa_ema.checked_momentum(m))))(target, online, 7, jnp.float32(jnp.nan))",
     "reported: `err.get()` names the momentum and the step (a traced value "
-    "outside [0, 1] likewise); the target is unchanged",
+    "outside [0, 1] likewise); the target is unchanged. Unchecked (the "
+    "default), nothing is reported and nothing is added to the program",
     check=_reported,
   ),
   Row(
