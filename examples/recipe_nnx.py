@@ -1,18 +1,15 @@
-"""Recipe: a Flax NNX target encoder kept by jepa_ema inside ``nnx.jit``.
+"""Recipe: a Flax NNX target encoder kept by ``jepa_ema.nnx.EMA``.
 
-The target is a plain dict of arrays (``nnx.to_pure_dict`` of the online
-model's ``nnx.Param`` state) inside a ``jepa_ema.EmaState``; the train step
-advances it with a schedule, donated, so it is updated in place (the script
-checks that the old buffers are deleted). ``nnx.replace_by_pure_dict`` and
-``nnx.merge`` turn it back into a model for the teacher forward pass. A plain
-dict rather than an ``nnx.State`` also keeps the EMA state an ordinary
-checkpointable pytree; see docs/howto/nnx.md for what ``nnx.jit`` donation
-does with either.
+``jepa_ema.nnx.EMA(model, momentum)`` is an NNX graph node, like
+``flax.nnx.EMA(model, decay)``: ``ema.update(model)`` runs inside ``nnx.jit``
+and ``ema.apply_to(model)`` is the teacher, a live view that follows every
+update. The momentum here is a schedule (I-JEPA's cosine ramp), read from the
+EMA's stored step. The train step donates the EMA, so its target is updated in
+place (the script checks that the old buffers are deleted).
 
 How this relates to ``flax.nnx.EMA(model, decay)``: ``decay`` is our
-``momentum``; nnx.EMA has a fixed decay, no step and no schedule, and keeps
-its average as Variables inside a module. With a constant momentum the two
-compute the same thing, which this script checks.
+``momentum`` (the weight on the old value). With a constant momentum and
+``only=nnx.Param`` the two compute the same thing, which this script checks.
 
 Run: ``python examples/recipe_nnx.py``.
 """
@@ -25,6 +22,7 @@ import optax
 from flax import nnx
 
 import jepa_ema
+import jepa_ema.nnx
 
 
 class Encoder(nnx.Module):
@@ -39,18 +37,13 @@ class Encoder(nnx.Module):
 def main(steps: int = 40) -> dict[str, float]:
   model = Encoder(nnx.Rngs(0))
   optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-  ema = jepa_ema.ema(jepa_ema.cosine_momentum(0.9, 1.0, total_steps=steps))
-  ema_state = ema.init(nnx.to_pure_dict(params))  # a copy of the params
+  schedule = jepa_ema.cosine_momentum(0.9, 1.0, total_steps=steps)
+  ema = jepa_ema.nnx.EMA(model, schedule)  # a copy of the model's Variables
+  teacher = ema.apply_to(model)  # the target encoder: a live view
 
-  def teacher_of(model, target):  # the target encoder, as a module
-    state = nnx.state(model, nnx.Param)  # a State of the right structure
-    nnx.replace_by_pure_dict(state, target)
-    return nnx.merge(graphdef, state, rest)
-
-  @nnx.jit(donate_argnums=2)  # ema_state: its target is updated in place
-  def train_step(model, optimizer, ema_state, x):
-    target = jax.lax.stop_gradient(teacher_of(model, ema_state.target)(x))
+  @nnx.jit(donate_argnums=(0, 1, 2))  # the EMA too: updated in place
+  def train_step(model, optimizer, ema, teacher, x):
+    target = jax.lax.stop_gradient(teacher(x))
 
     def loss_fn(model):
       noisy = x + 0.1 * jnp.sin(3 * x)  # a toy "view"
@@ -58,46 +51,40 @@ def main(steps: int = 40) -> dict[str, float]:
 
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     optimizer.update(model, grads)
-    online = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    return loss, ema.update(online, ema_state)
+    ema.update(model)
+    return loss
 
-  # The same loop with nnx.EMA at a constant decay, for comparison.
-  const = jepa_ema.ema(0.95)
-  const_state = const.init(nnx.state(model, nnx.Param))
-  nnx_ema = nnx.EMA(model, decay=0.95, only=nnx.Param)
+  # The same loop with flax.nnx.EMA and ours at a constant momentum.
+  ours = jepa_ema.nnx.EMA(model, 0.95, only=nnx.Param)
+  theirs = nnx.EMA(model, 0.95, only=nnx.Param)
 
   donated = []
   for step in range(steps):
     x = jax.random.normal(jax.random.key(step), (32, 4))
-    old = jax.tree.leaves(ema_state.target)
-    loss, ema_state = train_step(model, optimizer, ema_state, x)
+    old = jax.tree.leaves(ema.state.target)
+    loss = train_step(model, optimizer, ema, teacher, x)
     donated.append(all(a.is_deleted() for a in old))  # reused in place
-    const_state = const.update(nnx.state(model, nnx.Param), const_state)
-    nnx_ema.update(model)
+    ours.update(model)
+    theirs.update(model)
 
-  ours = jax.tree.leaves(const_state.target)
-  theirs = [
-    v[...]
-    for v in jax.tree.leaves(
-      nnx_ema.params, is_leaf=lambda v: isinstance(v, nnx.Variable)
-    )
-  ]
-  gap = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(ours, theirs))
-  online = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  leaves = lambda node: jax.tree.leaves(nnx.state(node, nnx.Param))
+  gap = max(
+    float(jnp.max(jnp.abs(a - b))) for a, b in zip(leaves(ours), leaves(theirs))
+  )
   lag = max(
     float(jnp.max(jnp.abs(a - b)))
-    for a, b in zip(jax.tree.leaves(ema_state.target), jax.tree.leaves(online))
+    for a, b in zip(leaves(teacher), leaves(model))
   )
-  assert int(ema_state.step) == steps
+  assert int(ema.state.step) == steps
   assert all(donated), "the donated target must be updated in place"
   assert gap < 1e-5, f"constant momentum should match nnx.EMA, gap {gap}"
   assert lag > 0, "the target must lag the online model"
-  teacher = teacher_of(model, ema_state.target)
   assert isinstance(teacher, Encoder)
   print(
-    f"NNX: {steps} steps, loss {float(loss):.4f}; target lags online by "
-    f"{lag:.4f} (max abs); constant momentum vs nnx.EMA: max gap "
-    f"{gap:.1e}; target updated in place on every step"
+    f"NNX: {steps} steps, loss {float(loss):.4f}; teacher lags online by "
+    f"{lag:.4f} (max abs); last momentum {float(ema.momentum()):.4f}; "
+    f"constant momentum vs nnx.EMA: max gap {gap:.1e}; target updated in "
+    "place on every step"
   )
   return {
     "loss": float(loss),
