@@ -820,7 +820,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The roofline: the best flat 2-read-1-write pass measured in this run.
     roof = min(t for k, t in med.items() if k.startswith(ROOF_PREFIX))
     torch_ref = med.get(TorchLerp.name)
-    bare_min = min(times[BareTreeMap.name]) if BareTreeMap.name in times else None
+    bare_min = (
+      min(times[BareTreeMap.name]) if BareTreeMap.name in times else None
+    )
     rows = {}
     mem_variants = [
       v

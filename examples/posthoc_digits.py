@@ -68,13 +68,18 @@ def one_seed(
   )
   snaps = jepa_ema.PostHocSnapshots(directory, SNAPSHOT_SIGMAS, every=every)
   n = len(SNAPSHOT_SIGMAS)
+  tracked = jepa_ema.ema(
+    tuple(jepa_ema.power_momentum(sigma_rel=s) for s in cfg.track)
+  )
   res = train_run(
     "posthoc",
     cfg,
     cfg.momentum,
     data,
     progress=False,
-    on_chunk=lambda s: snaps.maybe_save(s.tracked[:n]),
+    # The EMA training.build tracks (its first n momenta are the snapshots'
+    # widths, checked by maybe_save; the others are the ground truth).
+    on_chunk=lambda s: snaps.maybe_save(s.tracked[:n], tracked),
     keep_state=True,
   )
   state = res.pop("state")

@@ -6,6 +6,7 @@ MoCo. Data flows one way: :mod:`jepa_ema.schedules` -> :mod:`jepa_ema.update`
 -> :mod:`jepa_ema.transform` -> :mod:`jepa_ema.posthoc`.
 """
 
+from jepa_ema.placement import sharded_over
 from jepa_ema.policy import policy_by_path
 from jepa_ema.posthoc import (
   PostHocSnapshots,
@@ -15,8 +16,11 @@ from jepa_ema.posthoc import (
 )
 from jepa_ema.schedules import (
   Schedule,
+  checked_momentum,
   constant_momentum,
   cosine_momentum,
+  diffusers_momentum,
+  ema_pytorch_momentum,
   exp_warmup_momentum,
   gamma_to_sigma_rel,
   halflife_momentum,
@@ -25,12 +29,14 @@ from jepa_ema.schedules import (
   scale_momentum,
   sigma_rel_to_gamma,
   tf_warmup_momentum,
+  timm_momentum,
   warmup_momentum,
 )
 from jepa_ema.transform import (
   EmaState,
   EmaTransformation,
   PrecisionWarning,
+  TrackEmaTransformation,
   ema,
   get_target,
   state_shardings,
@@ -38,7 +44,7 @@ from jepa_ema.transform import (
 )
 from jepa_ema.update import ShardingMismatchWarning, ema_update, make_ema_update
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
   "Schedule",
@@ -48,6 +54,10 @@ __all__ = [
   "warmup_momentum",
   "tf_warmup_momentum",
   "exp_warmup_momentum",
+  "ema_pytorch_momentum",
+  "timm_momentum",
+  "diffusers_momentum",
+  "checked_momentum",
   "scale_momentum",
   "halflife_momentum",
   "power_momentum",
@@ -62,10 +72,12 @@ __all__ = [
   "ShardingMismatchWarning",
   "EmaState",
   "EmaTransformation",
+  "TrackEmaTransformation",
   "ema",
   "track_ema",
   "get_target",
   "policy_by_path",
+  "sharded_over",
   "state_shardings",
   "PrecisionWarning",
 ]

@@ -23,12 +23,14 @@ choose where the target lives, whatever the params' layout:
   ``"device"``: device memory. With several momenta, a tuple gives one
   memory kind per target.
 
-The helpers below the public type aliases are the package's:
-:mod:`jepa_ema.transform` calls them.
+:func:`sharded_over` is a ready ``target_sharding=`` for the ZeRO-style
+layout. The helpers below it are the package's: :mod:`jepa_ema.transform`
+calls them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -38,6 +40,9 @@ import numpy as np
 from jepa_ema import _kernel
 
 __all__ = [
+  "ShardedOver",
+  "sharded_over",
+  "like",
   "TargetSharding",
   "MemoryKind",
   "OFFLOAD_KINDS",
@@ -351,3 +356,225 @@ def tie(new: PyTree, old: PyTree) -> PyTree:
   remains), after the aliases are set.
   """
   return jax.tree.map(_tie_leaf, new, old)
+
+
+# ------------------------------------------------------------ sharded_over
+
+
+def _axis_names(axis: Any) -> tuple[str, ...]:
+  names = (axis,) if isinstance(axis, str) else axis
+  if (
+    not isinstance(names, tuple)
+    or not names
+    or not all(isinstance(a, str) for a in names)
+  ):
+    raise TypeError(
+      f"`axis` must be a mesh axis name or a non-empty tuple of them, got "
+      f"{axis!r}."
+    )
+  if len(set(names)) != len(names):
+    raise ValueError(f"`axis` names an axis twice: {axis!r}.")
+  return names
+
+
+def _check_axes_in(names: tuple[str, ...], mesh: Any, where: str) -> None:
+  missing = [a for a in names if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(
+      f"sharded_over: the mesh {where}has no axis {missing[0]!r}; its axes "
+      f"are {tuple(mesh.axis_names)}."
+    )
+
+
+def _own_layout(x: Any) -> tuple[Any, tuple | None, bool]:
+  """``(mesh, spec, known)`` of a param leaf: its mesh (None: none), its
+  PartitionSpec padded to its rank, and whether that spec is known (a
+  traced leaf on Auto mesh axes carries no layout)."""
+  ndim = len(np.shape(x))
+  if isinstance(x, jax.core.Tracer):
+    found = _kernel.mesh_and_spec(x)
+    if found is None:
+      return None, None, False
+    mesh, spec = found
+    known = all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+    return mesh, tuple(spec) + (None,) * (ndim - len(spec)), known
+  own = getattr(x, "sharding", None)
+  if isinstance(own, jax.sharding.NamedSharding):
+    spec = tuple(own.spec)
+    return own.mesh, spec + (None,) * (ndim - len(spec)), True
+  return None, (None,) * ndim, own is not None or not hasattr(x, "shape")
+
+
+def _uses(entry: Any, names: tuple[str, ...]) -> bool:
+  if entry is None:
+    return False
+  used = entry if isinstance(entry, tuple) else (entry,)
+  return any(a in used for a in names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedOver:
+  """A ZeRO-style ``target_sharding=``. Built by :func:`sharded_over`."""
+
+  axis: str | tuple[str, ...]
+  mesh: Any = None
+  # The specs computed from concrete params, per (key path, shape, dtype):
+  # on Auto mesh axes a traced param carries no layout, and the target must
+  # keep the one it was created in.
+  _seen: dict = dataclasses.field(
+    default_factory=dict, compare=False, hash=False, repr=False
+  )
+
+  def __post_init__(self) -> None:
+    names = _axis_names(self.axis)
+    if self.mesh is not None:
+      if not isinstance(self.mesh, jax.sharding.Mesh):
+        raise TypeError(
+          f"`mesh` must be a jax.sharding.Mesh or None, got {self.mesh!r}."
+        )
+      _check_axes_in(names, self.mesh, "given ")
+
+  def __call__(self, params: PyTree) -> PyTree:
+    names = _axis_names(self.axis)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+    return jax.tree.unflatten(
+      treedef, [self._one(path, x, names) for path, x in flat]
+    )
+
+  def _one(self, path: Any, x: Any, names: tuple[str, ...]) -> Any:
+    where = jax.tree_util.keystr(path) or "<root>"
+    if _is_sharding(x):
+      raise TypeError(
+        f"sharded_over needs the params' shapes; got a Sharding at {where}: "
+        "pass arrays or jax.ShapeDtypeStruct s."
+      )
+    if not hasattr(x, "shape"):
+      return None  # a Python scalar or None: nothing to lay out
+    shape = tuple(np.shape(x))
+    own_mesh, spec, known = _own_layout(x)
+    key = (where, shape, str(getattr(x, "dtype", "")))
+    mesh = self.mesh if self.mesh is not None else own_mesh
+    if mesh is None:
+      return None  # on no mesh (one device): the param's own layout
+    if own_mesh is not None and self.mesh is not None:
+      own_names = tuple(own_mesh.axis_names)
+      if own_names != tuple(self.mesh.axis_names):
+        spec = (None,) * len(shape)  # another mesh: its layout does not carry
+    _check_axes_in(names, mesh, f"of the param at {where} ")
+    if not known:
+      spec = self._seen.get(key, (None,) * len(shape))
+    size = int(
+      np.prod([dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in names])
+    )
+    assert spec is not None
+    if any(_uses(e, names) for e in spec):
+      new = spec  # already over the axis: the param's layout
+    else:
+      new = spec
+      for i, (n, e) in enumerate(zip(shape, spec)):
+        if e is None and n % size == 0 and n > 0:
+          new = (
+            spec[:i] + (names[0] if len(names) == 1 else names,) + spec[i + 1 :]
+          )
+          break
+    if known:
+      self._seen[key] = new
+    if new == spec and known and own_mesh is mesh:
+      return None  # unchanged: the param's own layout
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*new))
+
+
+def sharded_over(
+  axis: str | tuple[str, ...], *, mesh: Any = None
+) -> ShardedOver:
+  """A ready ``target_sharding=`` for a ZeRO-style target: sharded over ``axis``.
+
+  For each param leaf, a ``NamedSharding`` on ``mesh`` (default: the mesh of
+  the params' own shardings) that adds ``axis`` to the first dimension that
+  is not yet partitioned and whose size the axis size divides, keeping the
+  param's other partitioned dimensions. A leaf already partitioned over
+  ``axis``, or with no such dimension (a bias of size 10 on 8 devices, a
+  scalar), keeps its param's layout. With replicated params on 8
+  data-parallel devices, every leaf with a dimension divisible by 8 then
+  costs 1/8 of its memory per device, and the update still moves no data
+  (each device's slice of the target lies inside the param it holds).
+
+  A leaf whose params are on no mesh (one device, no ``mesh=``) keeps its
+  layout. Inside ``jit`` on **Auto** mesh axes a param carries no layout in
+  its type: the callable then uses the layout it computed for the same leaf
+  (key path, shape, dtype) from concrete params, at an eager ``init`` or in
+  ``ema.state_shardings(params)``, and treats a leaf it has not seen as
+  unpartitioned (right for replicated params). On Explicit axes the layout
+  is in the types, under ``jit`` too.
+
+  Args:
+    axis: a mesh axis name (e.g. ``"data"``), or a tuple of them (the
+      dimension is then split over their product).
+    mesh: the ``jax.sharding.Mesh`` to lay the target out on; default: each
+      param's own mesh.
+
+  Returns:
+    A frozen, hashable callable ``params -> prefix of shardings`` for
+    ``target_sharding=`` of :func:`jepa_ema.ema` / :func:`jepa_ema.track_ema`.
+
+  Raises:
+    TypeError: for an ``axis`` that is not a name or a tuple of names, or a
+      ``mesh`` that is not a Mesh; when called, for params given as
+      shardings (it needs their shapes).
+    ValueError: for an axis the mesh does not have (naming the leaf when the
+      mesh is the param's).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> import jepa_ema
+    >>> from jax.sharding import NamedSharding, PartitionSpec as P
+    >>> mesh = jax.make_mesh((1,), ("data",))
+    >>> params = {"w": jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, P())),
+    ...           "b": jax.device_put(jnp.ones(()), NamedSharding(mesh, P()))}
+    >>> layout = jepa_ema.sharded_over("data")(params)
+    >>> layout["w"].spec, layout["b"]
+    (P('data', None), None)
+    >>> ema = jepa_ema.ema(0.99, target_sharding=jepa_ema.sharded_over("data"))
+    >>> ema.init(params).target["w"].sharding.spec
+    P('data', None)
+  """
+  return ShardedOver(axis if isinstance(axis, str) else tuple(axis), mesh)
+
+
+# --------------------------------------------------------------- like
+
+
+def _like_leaf(t: Any, o: Any) -> Any:
+  if t is o or not isinstance(t, jax.Array) or not isinstance(o, jax.Array):
+    return t
+  traced = isinstance(t, jax.core.Tracer) or isinstance(o, jax.core.Tracer)
+  if not traced:
+    own, want = t.sharding, o.sharding
+    if own.memory_kind == want.memory_kind and own.is_equivalent_to(
+      want, t.ndim
+    ):
+      return t
+    return jax.device_put(t, want)
+  space = getattr(jax.typeof(o), "memory_space", None)
+  if space is not None:
+    t = _space(t, space)  # offloaded leaves to the online leaf's memory
+  spec = _kernel.explicit_spec(o)
+  if spec is not None and _kernel.explicit_spec(t) != spec:
+    mesh = jax.typeof(o).sharding.mesh
+    t = jax.sharding.reshard(
+      t, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))
+    )
+  return t
+
+
+def like(tree: PyTree, reference: PyTree) -> PyTree:
+  """``tree``'s arrays laid out and placed like ``reference``'s, leaf by leaf.
+
+  Eagerly each leaf takes its reference leaf's sharding and memory kind
+  (``jax.device_put``: an all-gather for a sharded leaf with a replicated
+  reference, a host-to-device copy for an offloaded one); under ``jit`` it
+  takes the reference's memory space and, on Explicit mesh axes, its layout
+  (``jax.sharding.reshard``); on Auto axes XLA chooses the layout. Dtypes
+  are kept. ``tree`` must have ``reference``'s structure.
+  """
+  return jax.tree.map(_like_leaf, tree, reference)

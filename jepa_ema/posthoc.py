@@ -38,6 +38,7 @@ import numpy as np
 
 from jepa_ema import _kernel
 from jepa_ema import schedules as _schedules
+from jepa_ema import transform as _transform
 from jepa_ema.transform import EmaState
 
 __all__ = [
@@ -316,10 +317,15 @@ _NAME = re.compile(r"^(\d{10})-(\d{2})$")
 class PostHocSnapshots:
   """Snapshots of several power-function EMAs on disk (orbax), for post hoc.
 
-  Write side: build ``ema((power_momentum(sigma_rel=a), power_momentum(
-  sigma_rel=b), ...))`` and call :meth:`maybe_save` with its state after
-  every update; every ``every`` steps it saves each target (cast to
-  ``dtype``, e.g. ``jnp.float16`` as EDM2 does) with its step and width.
+  Write side: build the matching EMA with :meth:`ema` (one
+  :func:`~jepa_ema.power_momentum` per ``sigma_rel``, in order: the widths
+  are stated once) and call :meth:`maybe_save` with its state after every
+  update; every ``every`` steps it saves each target (cast to ``dtype``,
+  e.g. ``jnp.float16`` as EDM2 does) with its step and width. An EMA built
+  by hand is passed as ``maybe_save(state, ema)``: its momenta are checked
+  against the widths before anything is saved, so the states of another
+  EMA (a constant momentum, other widths, another order) are an error, never
+  snapshots labelled with the wrong width.
   Read side: iterate for ``(step, sigma_rel, loader)``, or pass the object
   (or its directory) to :func:`posthoc_reconstruct`.
 
@@ -339,10 +345,8 @@ class PostHocSnapshots:
 
   Examples:
     >>> import tempfile, jax.numpy as jnp, jepa_ema
-    >>> sigmas = (0.05, 0.10)
-    >>> ema = jepa_ema.ema(tuple(jepa_ema.power_momentum(sigma_rel=s)
-    ...                          for s in sigmas))
-    >>> snaps = jepa_ema.PostHocSnapshots(tempfile.mkdtemp(), sigmas, every=5)
+    >>> snaps = jepa_ema.PostHocSnapshots(tempfile.mkdtemp(), (0.05, 0.10), every=5)
+    >>> ema = snaps.ema()  # power_momentum(sigma_rel=0.05), (sigma_rel=0.10)
     >>> params, state = {"w": jnp.zeros(2)}, ema.init({"w": jnp.zeros(2)})
     >>> for step in range(10):
     ...   params = {"w": params["w"] + 1.0}
@@ -353,6 +357,11 @@ class PostHocSnapshots:
     >>> out = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.10)
     >>> print(out["w"].round(2), state[1].target["w"].round(2))  # as tracked
     [9.32 9.32] [9.32 9.32]
+    >>> other = jepa_ema.ema((0.99, 0.999))  # not the snapshots' widths
+    >>> snaps.maybe_save(other.init(params), other)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    ValueError: the EMA's momentum 0 is not that of power_momentum(sigma_rel=0.05)...
   """
 
   def __init__(
@@ -388,12 +397,15 @@ class PostHocSnapshots:
         f"{self.directory} holds no snapshots ({_CONFIG} is missing); "
         "give `sigma_rels` and `every` to start writing there."
       )
+    self._init_config(sigma_rels, every, dtype)
+
+  def _init_config(self, sigma_rels: Any, every: Any, dtype: Any) -> None:
     self.sigma_rels, self.every, self.dtype = _check_config(
       sigma_rels, every, dtype
     )
     self.directory.mkdir(parents=True, exist_ok=True)
     _write_json(
-      config_path,
+      self.directory / _CONFIG,
       {
         "sigma_rels": list(self.sigma_rels),
         "every": self.every,
@@ -402,6 +414,33 @@ class PostHocSnapshots:
     )
 
   # -- write side
+
+  def ema(self, **options: Any) -> _transform.EmaTransformation:
+    """The EMA whose states these snapshots hold: one power-function EMA per
+    ``sigma_rel``, in order, with any other option of :func:`jepa_ema.ema`
+    (``every``, ``dtype``, ``memory_kind``, ``policy``, ...).
+
+    :meth:`maybe_save` then needs no ``ema`` argument: it checks the states
+    of this one.
+
+    Args:
+      **options: keywords of :func:`jepa_ema.ema` (not ``momentum``).
+
+    Returns:
+      ``jepa_ema.ema(tuple(power_momentum(sigma_rel=s) for s in
+      sigma_rels), **options)``.
+    """
+    if "momentum" in options:
+      raise TypeError(
+        "PostHocSnapshots.ema() builds the momenta from its sigma_rels; "
+        "give the other options of jepa_ema.ema only."
+      )
+    built = _transform.ema(
+      tuple(_schedules.power_momentum(sigma_rel=s) for s in self.sigma_rels),
+      **options,
+    )
+    self._ema = built
+    return built
 
   def _states(self, state: Any) -> tuple[EmaState, ...]:
     states = (state,) if isinstance(state, EmaState) else tuple(state)
@@ -415,16 +454,46 @@ class PostHocSnapshots:
       )
     return states
 
-  def maybe_save(self, state: EmaState | Sequence[EmaState]) -> bool:
+  def maybe_save(
+    self, state: EmaState | Sequence[EmaState], ema: Any = None
+  ) -> bool:
     """Saves every target if ``state.step`` is a positive multiple of ``every``.
 
+    At the first call with an EMA it checks that EMA's momenta against the
+    widths: for its first ``len(sigma_rels)`` momenta, update ``t`` must
+    apply ``power_momentum(sigma_rel=s)``'s momentum (with ``every=k``: the
+    window's product on update steps, 1 in between), for every update
+    before the first save (up to 4096 of them) to float32 rounding. The
+    first update of a power EMA copies (momentum 0) and the next ones tell
+    widths apart: a constant momentum, other widths or another order fail.
+
     Args:
-      state: the state of ``ema((power_momentum(...), ...))``, one EmaState
-        per ``sigma_rel``, in order.
+      state: the EMA's state: one EmaState per ``sigma_rel``, in order.
+      ema: the EMA (``jepa_ema.ema(...)`` or ``jepa_ema.track_ema(...)``:
+        anything with ``momentum(step)``) that produced ``state``; default:
+        the one built by :meth:`ema`. It may hold more momenta after the
+        snapshots' ones (e.g. ground-truth widths): ``state`` is then the
+        first ``len(sigma_rels)`` states.
 
     Returns:
       Whether snapshots were written (False if not due or already saved).
+
+    Raises:
+      TypeError: without ``ema`` when :meth:`ema` built none.
+      ValueError: if the EMA's momenta are not those of the widths, or
+        ``state`` does not hold one EmaState per width.
     """
+    ema = ema if ema is not None else getattr(self, "_ema", None)
+    if ema is None:
+      raise TypeError(
+        "maybe_save needs the EMA that produced the states, to check its "
+        "momenta against the widths: build it with snaps.ema(...) (the "
+        "widths stated once), or pass it: maybe_save(state, ema)."
+      )
+    checked = self.__dict__.setdefault("_checked", [])
+    if not any(e is ema for e in checked):
+      self._check_momenta(ema)
+      checked.append(ema)
     states = self._states(state)
     step = int(states[0].step)
     if step < 1 or step % self.every:
@@ -452,6 +521,38 @@ class PostHocSnapshots:
       )
       wrote = True
     return wrote
+
+  def _check_momenta(self, ema: Any) -> None:
+    """Raises unless ``ema``'s first momenta are the widths' power EMAs."""
+    if not callable(getattr(ema, "momentum", None)):
+      raise TypeError(
+        f"`ema` must be the EMA that produced the states (built by "
+        f"jepa_ema.ema or jepa_ema.track_ema), got {type(ema).__name__}."
+      )
+    n = min(self.every, 4096)  # the updates before the first save
+    steps = jnp.arange(n, dtype=jnp.int32)
+    got = jax.jit(jax.vmap(ema.momentum))(steps)
+    got = [got] if not isinstance(got, (tuple, list)) else list(got)
+    if len(got) < len(self.sigma_rels):
+      raise ValueError(
+        f"the EMA has {len(got)} momenta, the snapshots "
+        f"{len(self.sigma_rels)} widths {self.sigma_rels}; build it with "
+        "snaps.ema(...)."
+      )
+    for i, sigma in enumerate(self.sigma_rels):
+      m = np.asarray(got[i], np.float64)
+      moves = np.flatnonzero(m != 1.0)
+      k = int(moves[0]) + 1 if moves.size else n + 1  # every=k: k-1 moves
+      want = _power_window_momenta(_schedules.sigma_rel_to_gamma(sigma), k, n)
+      bad = np.abs(m - want) > 1e-6 + 1e-4 * (1.0 - want)
+      if bad.any():
+        t = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+          f"the EMA's momentum {i} is not that of power_momentum(sigma_rel="
+          f"{sigma}) (every={k}): update {t} applies {m[t]:.6g}, the width "
+          f"{sigma} {want[t]:.6g}. Snapshots saved with it would be labelled "
+          "with the wrong width; build the EMA with snaps.ema(...)."
+        )
 
   # -- read side
 
@@ -505,6 +606,16 @@ class PostHocSnapshots:
     restores that target (raising :class:`SnapshotError` if it is damaged)."""
     for step, sigma, path in self._entries():
       yield step, sigma, _Loader(path)
+
+
+def _power_window_momenta(gamma: float, k: int, n: int) -> np.ndarray:
+  """The momenta of updates ``0 .. n-1`` of a power EMA with ``every=k``:
+  ``((u + 1 - k) / (u + 1)) ** (gamma + 1)`` on updates ``k-1, 2k-1, ...``
+  (the window's product telescopes), 1 in between."""
+  u = np.arange(n, dtype=np.float64)
+  acts = (u + 1) % k == 0
+  ratio = np.maximum(u + 1 - k, 0.0) / (u + 1)
+  return np.where(acts, ratio ** (gamma + 1.0), 1.0)
 
 
 def _config_value(x: Any) -> Any:

@@ -65,6 +65,14 @@ __all__ = [
   "gamma_to_sigma_rel",
   "sigma_rel_to_gamma",
   "as_schedule",
+  "EmaPytorchMomentum",
+  "TimmMomentum",
+  "DiffusersMomentum",
+  "ema_pytorch_momentum",
+  "timm_momentum",
+  "diffusers_momentum",
+  "CheckedMomentum",
+  "checked_momentum",
 ]
 
 Schedule = Callable[[jax.typing.ArrayLike], jax.typing.ArrayLike]
@@ -167,6 +175,17 @@ def _step_f32(step: jax.typing.ArrayLike) -> jax.Array:
   )
 
 
+def _reciprocal(x: float) -> np.float32:
+  """``1 / x`` rounded to float32, as XLA folds it.
+
+  Inside a program XLA rewrites a division by a constant as a product with
+  its float32 reciprocal; eagerly each op runs alone and divides. Writing
+  the product here makes a schedule's value the same however it is
+  evaluated (eager, ``jit``, ``vmap``), bit for bit.
+  """
+  return np.float32(1.0) / np.float32(x)
+
+
 def _is_real_dtype(dtype: Any) -> bool:
   return bool(
     jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
@@ -215,7 +234,7 @@ class CosineMomentum:
     t = _step_f32(step)
     if self.total_steps == 0:
       return jnp.full(jnp.shape(t), self.final, dtype=jnp.float32)
-    frac = jnp.clip(t / np.float32(self.total_steps), 0.0, 1.0)
+    frac = jnp.clip(t * _reciprocal(self.total_steps), 0.0, 1.0)
     cos = (1.0 + jnp.cos(np.float32(math.pi) * frac)) / 2.0
     return (
       np.float32(self.final) - np.float32(self.final - self.base) * cos
@@ -241,7 +260,7 @@ class LinearMomentum:
     t = _step_f32(step)
     if self.total_steps == 0:
       return jnp.full(jnp.shape(t), self.final, dtype=jnp.float32)
-    frac = jnp.clip(t / np.float32(self.total_steps), 0.0, 1.0)
+    frac = jnp.clip(t * _reciprocal(self.total_steps), 0.0, 1.0)
     m = np.float32(self.base) + np.float32(self.final - self.base) * frac
     # Rounding may not overshoot the end points (e.g. final=1.0 exactly).
     lo, hi = sorted((self.base, self.final))
@@ -281,7 +300,7 @@ class WarmupMomentum:
 
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = jnp.maximum(_step_f32(step) - np.float32(self.start_step), 0.0)
-    m = 1.0 - (1.0 + t / np.float32(self.inv_gamma)) ** np.float32(-self.power)
+    m = 1.0 - (1.0 + t * _reciprocal(self.inv_gamma)) ** np.float32(-self.power)
     return jnp.clip(
       m, np.float32(self.min_momentum), np.float32(self.max_momentum)
     ).astype(jnp.float32)
@@ -476,7 +495,7 @@ class ExpWarmupMomentum:
   def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
     t = jnp.maximum(_step_f32(step), 0.0)
     m = np.float32(self.max_momentum) * -jnp.expm1(
-      -(t + 1.0) / np.float32(self.tau)
+      -(t + 1.0) * _reciprocal(self.tau)
     )
     return m.astype(jnp.float32)
 
@@ -868,3 +887,425 @@ def power_momentum(
     return PowerMomentum(sigma_rel_to_gamma(sigma_rel))
   assert gamma is not None
   return PowerMomentum(gamma)
+
+
+# -------------------------------------------------- ports of PyTorch EMAs
+
+
+def _check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(
+      f"`{name}` must be a bool, got {value!r} (type {type(value).__name__})."
+    )
+  return bool(value)
+
+
+def _multiple_of(step: jax.typing.ArrayLike, k: int) -> jax.Array:
+  """Whether ``step`` is a multiple of ``k``, exactly for integer steps
+  (in integer arithmetic: float32 holds every integer up to 2**24 only)."""
+  if isinstance(step, jax.Array) and jnp.issubdtype(step.dtype, jnp.integer):
+    return step % k == 0
+  if isinstance(step, (numbers.Integral, np.integer)) and not isinstance(
+    step, (bool, np.bool_)
+  ):
+    return jnp.asarray(int(step) % k == 0)
+  if isinstance(step, (np.ndarray, list, tuple)):
+    arr = np.asarray(step)
+    if jnp.issubdtype(arr.dtype, jnp.integer):
+      return jnp.asarray(arr % k == 0)
+  return jnp.mod(_step_f32(step), np.float32(k)) == 0
+
+
+def _warm_up(s: jax.Array, inv_gamma: float, power: float) -> jax.Array:
+  """``1 - (1 + s / inv_gamma) ** -power`` in float32.
+
+  ``s`` times the float32 reciprocal, which is what XLA makes of a division
+  by a constant under ``jit`` anyway: eager calls then round alike."""
+  return 1.0 - (1.0 + s * _reciprocal(inv_gamma)) ** np.float32(-power)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmaPytorchMomentum:
+  """ema-pytorch's ``EMA``, call by call. Built by :func:`ema_pytorch_momentum`."""
+
+  beta: float
+  update_after_step: int
+  update_every: int
+  inv_gamma: float
+  power: float
+  min_value: float
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "beta", _check_momentum("beta", self.beta))
+    object.__setattr__(
+      self, "min_value", _check_momentum("min_value", self.min_value)
+    )
+    object.__setattr__(
+      self,
+      "update_after_step",
+      _check_int("update_after_step", self.update_after_step),
+    )
+    object.__setattr__(
+      self, "update_every", _check_int("update_every", self.update_every, 1)
+    )
+    object.__setattr__(
+      self,
+      "inv_gamma",
+      _check_float("inv_gamma", self.inv_gamma, 0.0, lo_open=True),
+    )
+    object.__setattr__(
+      self, "power", _check_float("power", self.power, 0.0, lo_open=True)
+    )
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    t = jnp.maximum(_step_f32(step), 0.0)  # calls so far
+    s = t - np.float32(self.update_after_step)
+    # torch's clamp(min, max): max wins where min > max, as jnp.clip.
+    warm = jnp.clip(
+      _warm_up(s, self.inv_gamma, self.power),
+      np.float32(self.min_value),
+      np.float32(self.beta),
+    )
+    m = jnp.where(s <= 0.0, 0.0, warm)  # call 0, and up to update_after_step
+    idle = (t > 0.0) & jnp.logical_not(_multiple_of(step, self.update_every))
+    return jnp.where(idle, 1.0, m).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimmMomentum:
+  """timm's ``ModelEmaV3`` as ``train.py`` calls it. Built by :func:`timm_momentum`."""
+
+  decay: float
+  min_decay: float
+  update_after_step: int
+  use_warmup: bool
+  warmup_gamma: float
+  warmup_power: float
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "decay", _check_momentum("decay", self.decay))
+    object.__setattr__(
+      self, "min_decay", _check_momentum("min_decay", self.min_decay)
+    )
+    object.__setattr__(
+      self,
+      "update_after_step",
+      _check_int("update_after_step", self.update_after_step),
+    )
+    object.__setattr__(
+      self, "use_warmup", _check_bool("use_warmup", self.use_warmup)
+    )
+    object.__setattr__(
+      self,
+      "warmup_gamma",
+      _check_float("warmup_gamma", self.warmup_gamma, 0.0, lo_open=True),
+    )
+    object.__setattr__(
+      self,
+      "warmup_power",
+      _check_float("warmup_power", self.warmup_power, 0.0, lo_open=True),
+    )
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    # timm's step is t + 1; max(0, step - update_after_step - 1) = t - u.
+    s = jnp.maximum(_step_f32(step), 0.0) - np.float32(self.update_after_step)
+    if self.use_warmup:
+      m = jnp.maximum(
+        jnp.minimum(
+          _warm_up(s, self.warmup_gamma, self.warmup_power),
+          np.float32(self.decay),
+        ),
+        np.float32(self.min_decay),
+      )
+    else:
+      m = jnp.full(jnp.shape(s), self.decay, jnp.float32)
+    return jnp.where(s <= 0.0, 0.0, m).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiffusersMomentum:
+  """diffusers' ``EMAModel``, step by step. Built by :func:`diffusers_momentum`."""
+
+  decay: float
+  min_decay: float
+  update_after_step: int
+  use_ema_warmup: bool
+  inv_gamma: float
+  power: float
+
+  def __post_init__(self) -> None:
+    object.__setattr__(self, "decay", _check_momentum("decay", self.decay))
+    object.__setattr__(
+      self, "min_decay", _check_momentum("min_decay", self.min_decay)
+    )
+    object.__setattr__(
+      self,
+      "update_after_step",
+      _check_int("update_after_step", self.update_after_step),
+    )
+    object.__setattr__(
+      self, "use_ema_warmup", _check_bool("use_ema_warmup", self.use_ema_warmup)
+    )
+    object.__setattr__(
+      self,
+      "inv_gamma",
+      _check_float("inv_gamma", self.inv_gamma, 0.0, lo_open=True),
+    )
+    object.__setattr__(
+      self, "power", _check_float("power", self.power, 0.0, lo_open=True)
+    )
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    # optimization_step is t + 1 when get_decay reads it: s = t - u.
+    s = jnp.maximum(_step_f32(step), 0.0) - np.float32(self.update_after_step)
+    if self.use_ema_warmup:
+      m = _warm_up(s, self.inv_gamma, self.power)
+    else:
+      m = (1.0 + s) / (10.0 + s)
+    m = jnp.maximum(
+      jnp.minimum(m, np.float32(self.decay)), np.float32(self.min_decay)
+    )
+    return jnp.where(s <= 0.0, 0.0, m).astype(jnp.float32)
+
+
+def ema_pytorch_momentum(
+  beta: float = 0.9999,
+  *,
+  update_after_step: int = 100,
+  update_every: int = 10,
+  inv_gamma: float = 1.0,
+  power: float = 2 / 3,
+  min_value: float = 0.0,
+) -> EmaPytorchMomentum:
+  r"""Ports ``ema_pytorch.EMA(model, beta=..., ...)``, called on every step.
+
+  With ``t`` the number of ``ema.update()`` calls before this one (the
+  state's step; call the update wherever ``ema.update()`` was called):
+
+  .. math::
+    m(t) = \begin{cases}
+      0 & t = 0 \text{ (the first call copies)} \\
+      1 & t \bmod k \ne 0 \text{ (the calls in between do not act)} \\
+      0 & t \le u \text{ (a copy up to update\_after\_step)} \\
+      \mathrm{clip}\left(1 - (1 + (t - u)/\gamma^{-1})^{-p},\;
+        m_{\min},\; \beta\right) & \text{otherwise,}
+    \end{cases}
+
+  with ``k = update_every`` and ``u = update_after_step``: the warm-up is
+  counted in *calls*, not in the updates that act. Momentum 1 leaves the
+  target bitwise unchanged; ``every=k`` of :func:`jepa_ema.ema` is a
+  different EMA (it acts on calls ``k-1, 2k-1, ...`` with the window's
+  product of momenta). The keyword defaults are ema-pytorch's own.
+
+  Args:
+    beta: the cap of the warm-up, in ``[0, 1]``.
+    update_after_step: ``u >= 0``: calls up to ``u`` copy.
+    update_every: ``k >= 1``: only every ``k``-th call acts.
+    inv_gamma: ``> 0``, the warm-up's time scale.
+    power: ``> 0``, the warm-up's exponent.
+    min_value: the warm-up's floor, in ``[0, 1]`` (where it exceeds
+      ``beta``, ``beta`` wins, as in torch's ``clamp``).
+
+  Returns:
+    A schedule ``step -> momentum`` (float32). A step is exact up to
+    ``2**24`` calls for a float step, and for any integer step.
+
+  Raises:
+    ValueError: for a momentum outside ``[0, 1]``, ``update_every < 1``, a
+      negative ``update_after_step`` or a non-positive ``inv_gamma`` /
+      ``power``.
+    TypeError: if an argument has the wrong type.
+
+  Examples:
+    >>> import jepa_ema
+    >>> schedule = jepa_ema.ema_pytorch_momentum()
+    >>> print(*[f"{schedule(t):.4f}" for t in (0, 5, 100, 110, 120, 121)])
+    0.0000 1.0000 0.0000 0.7978 0.8686 1.0000
+  """
+  return EmaPytorchMomentum(
+    beta, update_after_step, update_every, inv_gamma, power, min_value
+  )
+
+
+def timm_momentum(
+  decay: float = 0.9999,
+  *,
+  min_decay: float = 0.0,
+  update_after_step: int = 0,
+  use_warmup: bool = False,
+  warmup_gamma: float = 1.0,
+  warmup_power: float = 2 / 3,
+) -> TimmMomentum:
+  r"""Ports ``timm.utils.ModelEmaV3(model, decay=..., ...)`` as timm trains.
+
+  timm's ``train.py`` calls ``num_updates += 1;
+  model_ema.update(model, step=num_updates)``, so with ``t`` the updates
+  before this one (timm's ``step`` is ``t + 1``) and ``u =
+  update_after_step``:
+
+  .. math::
+    m(t) = \begin{cases}
+      0 & t \le u \text{ (copies)} \\
+      \max(\min(1 - (1 + (t - u)/\gamma)^{-p},\; d),\; d_{\min})
+        & \text{with use\_warmup} \\
+      d & \text{otherwise.}
+    \end{cases}
+
+  The defaults copy at the first update, then use the constant ``decay``.
+  ``ModelEmaV3.update(model)`` *without* ``step=`` uses ``decay`` from the
+  first call (no copy): that is ``jepa_ema.ema(decay)``. The keyword
+  defaults are timm's own.
+
+  Args:
+    decay: ``d``, in ``[0, 1]``.
+    min_decay: ``d_min``, the warm-up's floor, in ``[0, 1]`` (it wins over
+      ``decay`` where larger, as in timm; unused without warm-up).
+    update_after_step: ``u >= 0``: updates up to ``u`` copy.
+    use_warmup: the warm-up (a bool).
+    warmup_gamma: ``> 0``, the warm-up's time scale.
+    warmup_power: ``> 0``, the warm-up's exponent.
+
+  Returns:
+    A schedule ``step -> momentum`` (float32).
+
+  Raises:
+    ValueError: for a momentum outside ``[0, 1]``, a negative
+      ``update_after_step`` or a non-positive ``warmup_gamma`` /
+      ``warmup_power``.
+    TypeError: if an argument has the wrong type.
+
+  Examples:
+    >>> import jepa_ema
+    >>> schedule = jepa_ema.timm_momentum()
+    >>> print(*[f"{schedule(t):.4f}" for t in (0, 1, 1000)])
+    0.0000 0.9999 0.9999
+    >>> warm = jepa_ema.timm_momentum(use_warmup=True, update_after_step=10)
+    >>> print(*[f"{warm(t):.4f}" for t in (10, 11, 10_010)])
+    0.0000 0.3700 0.9978
+  """
+  return TimmMomentum(
+    decay, min_decay, update_after_step, use_warmup, warmup_gamma, warmup_power
+  )
+
+
+def diffusers_momentum(
+  decay: float = 0.9999,
+  *,
+  min_decay: float = 0.0,
+  update_after_step: int = 0,
+  use_ema_warmup: bool = False,
+  inv_gamma: float = 1.0,
+  power: float = 2 / 3,
+) -> DiffusersMomentum:
+  r"""Ports ``diffusers.training_utils.EMAModel(parameters, decay=..., ...)``.
+
+  ``EMAModel.step()`` increments ``optimization_step`` before it reads the
+  decay, so with ``t`` the ``step()`` calls before this one and ``u =
+  update_after_step``, ``s = t - u``:
+
+  .. math::
+    m(t) = \begin{cases}
+      0 & s \le 0 \text{ (copies)} \\
+      \max(\min(w(s),\; d),\; d_{\min}) & \text{otherwise,}
+    \end{cases}
+    \quad w(s) = \begin{cases}
+      1 - (1 + s/\gamma^{-1})^{-p} & \text{with use\_ema\_warmup} \\
+      (1 + s) / (10 + s) & \text{otherwise.}
+    \end{cases}
+
+  The defaults are **not** a constant ``decay``: the first update copies,
+  and ``(1 + s) / (10 + s)`` reaches 0.999 only after ~9,000 updates. The
+  keyword defaults are diffusers' own.
+
+  Args:
+    decay: ``d``, the cap, in ``[0, 1]``.
+    min_decay: ``d_min``, the floor, in ``[0, 1]`` (it wins over ``decay``
+      where larger, as in diffusers).
+    update_after_step: ``u >= 0``: updates up to ``u`` copy.
+    use_ema_warmup: the power warm-up instead of ``(1 + s) / (10 + s)``.
+    inv_gamma: ``> 0``, the warm-up's time scale.
+    power: ``> 0``, the warm-up's exponent.
+
+  Returns:
+    A schedule ``step -> momentum`` (float32).
+
+  Raises:
+    ValueError: for a momentum outside ``[0, 1]``, a negative
+      ``update_after_step`` or a non-positive ``inv_gamma`` / ``power``.
+    TypeError: if an argument has the wrong type.
+
+  Examples:
+    >>> import jepa_ema
+    >>> schedule = jepa_ema.diffusers_momentum()
+    >>> print(*[f"{schedule(t):.4f}" for t in (0, 1, 2, 9000)])
+    0.0000 0.1818 0.2500 0.9990
+  """
+  return DiffusersMomentum(
+    decay, min_decay, update_after_step, use_ema_warmup, inv_gamma, power
+  )
+
+
+# -------------------------------------------------------------------- checks
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedMomentum:
+  """A schedule whose out-of-range values are reported under ``checkify``.
+
+  Built by :func:`checked_momentum`.
+  """
+
+  momentum: Schedule | jax.Array
+
+  def __call__(self, step: jax.typing.ArrayLike) -> jax.Array:
+    m = self.momentum(step) if callable(self.momentum) else self.momentum
+    m = jnp.asarray(m)
+    from jax.experimental import checkify  # pylint: disable=g-import-not-at-top
+
+    checkify.debug_check(
+      jnp.all(jnp.isfinite(m) & (m >= 0.0) & (m <= 1.0)),
+      "momentum {m} at step {step} is outside [0, 1]: NaN/Inf leaves the "
+      "target unchanged, other values are clipped to [0, 1]",
+      m=m,
+      step=jnp.asarray(step),
+    )
+    return m
+
+
+def checked_momentum(
+  momentum: MomentumLike | jax.Array,
+) -> CheckedMomentum:
+  """Reports a traced momentum outside ``[0, 1]`` (or NaN / Inf) on request.
+
+  Under ``jit`` a momentum cannot raise, so the update gives it a defined
+  value (NaN and Inf leave the target unchanged and count in
+  ``state.skipped``; other values are clipped to ``[0, 1]``), silently. Wrap
+  a schedule you do not trust in ``checked_momentum`` and run the update
+  under ``jax.experimental.checkify.checkify``: the error names the momentum
+  and the step. Without ``checkify`` the check does nothing, but it is an
+  effect in the program, and JAX dispatches a jitted function with an
+  effect on its slow path (tens of microseconds more per argument of every
+  call): use it while debugging, not in the step you time. The library's
+  own schedules are validated when built and need no check.
+
+  Args:
+    momentum: a schedule (any callable ``step -> momentum``), a number, or a
+      scalar array (a traced one too: the momentum your own ``jit`` computed).
+
+  Returns:
+    The same schedule, checked.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> from jax.experimental import checkify
+    >>> import jepa_ema
+    >>> ema = jepa_ema.ema(
+    ...     jepa_ema.checked_momentum(lambda step: 1.25 + 0 * step))
+    >>> state = ema.init({"w": jnp.zeros(2)})
+    >>> err, _ = checkify.checkify(jax.jit(ema.update))({"w": jnp.ones(2)}, state)
+    >>> print(err.get().split(":")[0])
+    momentum 1.25 at step 0 is outside [0, 1]
+  """
+  if isinstance(momentum, (jax.Array, np.ndarray)):
+    return CheckedMomentum(momentum)  # checked (and resolved) when applied
+  return CheckedMomentum(as_schedule(momentum))

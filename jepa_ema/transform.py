@@ -29,6 +29,7 @@ __all__ = [
   "PrecisionWarning",
   "EmaState",
   "EmaTransformation",
+  "TrackEmaTransformation",
   "ema",
   "track_ema",
   "get_target",
@@ -183,30 +184,89 @@ class EmaTransformation(NamedTuple):
       >>> print(ema.momentum(state), ema.momentum(4))  # updates 2 and 4
       0.75 1.0
     """
-    momentum_at = getattr(self.update, "momentum_at", None)
-    if momentum_at is None:
-      raise TypeError(
-        "momentum() needs an EmaTransformation built by jepa_ema.ema(...)."
-      )
-    first = state_or_step
-    if (
-      isinstance(first, (tuple, list))
-      and not isinstance(first, EmaState)
-      and first
-    ):
-      first = first[0]  # several momenta: the states share their step
-    if isinstance(first, EmaState):
-      step = first.step
-      if not isinstance(step, jax.core.Tracer) and int(step) < 1:
+    return _momentum_of(
+      getattr(self.update, "momentum_at", None), state_or_step, "ema"
+    )
+
+
+class TrackEmaTransformation(optax.GradientTransformation):
+  """What :func:`track_ema` returns: an ``optax.GradientTransformation``.
+
+  Exactly optax's ``(init, update)`` pair (it chains, wraps and compares as
+  one), with :meth:`momentum` to read the momentum back.
+  """
+
+  # No __slots__: each instance keeps its momentum reader in its __dict__,
+  # not in a field, so the tuple stays optax's (init, update).
+
+  def momentum(self, opt_state_or_step: Any) -> Any:
+    """The momentum an update applies, for logging (as :meth:`EmaTransformation.momentum`).
+
+    Given an optimizer state, the momentum of the **last** update of the
+    :class:`EmaState` found anywhere inside it (``optax.chain``,
+    ``optax.MultiSteps``, ``optax.masked``, ...): update ``state.step - 1``.
+    Under ``MultiSteps`` that is the last real optimizer step's. Given a step
+    ``t``, the momentum update ``t`` (counted from 0) applies. With
+    ``every=k`` the window's product on update steps and 1 in between.
+
+    Args:
+      opt_state_or_step: an optimizer state holding this transformation's
+        state (``step >= 1``), or an integer step ``>= 0``; may be traced.
+
+    Returns:
+      A float32 scalar; a tuple of them for several momenta.
+
+    Raises:
+      ValueError: for a state that has seen no update, EmaStates at
+        different steps, or a negative step.
+      TypeError: for a transformation not built by :func:`track_ema`.
+
+    Examples:
+      >>> import jax.numpy as jnp, optax
+      >>> import jepa_ema
+      >>> tx = jepa_ema.track_ema(jepa_ema.linear_momentum(0.5, 1.0, total_steps=4))
+      >>> opt = optax.MultiSteps(optax.chain(optax.sgd(0.1), tx), every_k_schedule=2)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = opt.init(params)
+      >>> for _ in range(6):  # three real optimizer steps
+      ...   _, state = opt.update({"w": jnp.ones(2)}, state, params)
+      >>> print(tx.momentum(state), tx.momentum(4))  # updates 2 and 4
+      0.75 1.0
+    """
+    return _momentum_of(
+      self.__dict__.get("momentum_at"), opt_state_or_step, "track_ema"
+    )
+
+
+def _momentum_of(momentum_at: Any, state_or_step: Any, built_by: str) -> Any:
+  """``momentum()`` of :class:`EmaTransformation` and
+  :class:`TrackEmaTransformation`: the last update's momentum of the
+  EmaState(s) found in ``state_or_step``, or the momentum of update
+  ``state_or_step``."""
+  if momentum_at is None:
+    kind = "an EmaTransformation" if built_by == "ema" else "a transformation"
+    raise TypeError(
+      f"momentum() needs {kind} built by jepa_ema.{built_by}(...)."
+    )
+  found = _find_states(state_or_step)
+  if found:
+    steps = [s.step for _, s in found]
+    if not any(isinstance(t, jax.core.Tracer) for t in steps):
+      if len({int(t) for t in steps}) > 1:
+        raise ValueError(
+          "the state holds EmaStates at different steps, at "
+          f"{', '.join(p for p, _ in found)}; pass this EMA's own state."
+        )
+      if int(steps[0]) < 1:
         raise ValueError(
           "the state has seen no update yet (state.step == 0): there is no "
           "last momentum; pass a step for the momentum update `step` applies."
         )
-      return momentum_at(step - 1)
-    step = state_or_step
-    if isinstance(step, (int, np.integer)) and step < 0:
-      raise ValueError(f"`step` must be >= 0, got {step}.")
-    return momentum_at(step)
+    return momentum_at(steps[0] - 1)
+  step = state_or_step
+  if isinstance(step, (int, np.integer)) and step < 0:
+    raise ValueError(f"`step` must be >= 0, got {step}.")
+  return momentum_at(step)
 
 
 def _safe_increment(count: jax.Array) -> jax.Array:
@@ -605,7 +665,11 @@ def _init_states(
           "half-precision params)."
         )
     elif i == 0:
-      _rounding.check_stagnation(opts.schedules, averaged)
+      # Judged on the momentum each update applies (an every=k window's).
+      _rounding.check_stagnation(
+        [_every.window_schedule(m, opts.every) for m in opts.schedules],
+        averaged,
+      )
     k = None
     if opts.stochastic:
       assert opts.key_data is not None  # checked by _parse_options
@@ -670,6 +734,14 @@ def _advance(
         state.key, opts.key_impl, step, len(jax.tree.leaves(old))
       )
     target = _kernel.blend_tree(old, params, m, rounders, kept)
+    # A skip leaves the whole target: copied and integer leaves too. (With
+    # every=k a non-finite momentum counts as 1 for its own step only: the
+    # window still updates, as the per-step EMA would.)
+    held: jax.Array | bool = lost
+    if opts.every > 1:
+      held = False if finite is None else jnp.logical_not(finite)
+    if isinstance(held, jax.core.Tracer) or bool(held):
+      target = _kernel.hold_unblended(target, old, held, kept)
     if shardings is not None:
       target = _placement.reshard(target, shardings)  # auto axes: pinned
     if any(k is not None for k in opts.memory_kinds):
@@ -679,13 +751,17 @@ def _advance(
       state._replace(
         target=_placement.to_memory(target, kind),
         skipped=skipped.astype(jnp.int32),
-        drift=_drift.next_drift(
+        drift=_drift.held(
+          held,
           state.drift,
-          _policy.only(target, kept, ("average",)),
-          _policy.only(params, kept, ("average",)),
-          step,
-          opts.every,
-          opts.drift,
+          _drift.next_drift(
+            state.drift,
+            _policy.only(target, kept, ("average",)),
+            _policy.only(params, kept, ("average",)),
+            step,
+            opts.every,
+            opts.drift,
+          ),
         ),
       )
     )
@@ -855,8 +931,9 @@ def track_ema(
     target_sharding: the target's own layout, as for :func:`ema`.
     memory_kind: the target's memory (e.g. ``"pinned_host"``), as for
       :func:`ema`.
-    write_back_every: ``N``: on updates ``N-1, 2N-1, ...`` (counted from 0)
-      the returned updates also move the params to ``write_back_momentum *
+    write_back_every: ``N``: on the target's updates ``N-1, 2N-1, ...``
+      (counted from 0, like ``drift=N``; with ``every=k`` only calls that
+      update the target count) the returned updates also move the params to ``write_back_momentum *
       params + (1 - write_back_momentum) * target`` (the post-step params the
       EMA has just averaged in, and its just-updated target; with several
       momenta, the first), on the averaged floating leaves: ema-pytorch's
@@ -868,7 +945,9 @@ def track_ema(
       ``[0, 1]``.
 
   Returns:
-    An ``optax.GradientTransformation``.
+    A :class:`TrackEmaTransformation`: an ``optax.GradientTransformation``
+    with ``.momentum(opt_state_or_step)``, the momentum of the last update
+    of its state found anywhere in the optimizer state.
 
   Raises:
     ValueError: from ``update`` when ``params`` is not given, and see
@@ -917,7 +996,16 @@ def track_ema(
     if wb_every is None:
       return updates, new_state
     first = state if isinstance(state, EmaState) else state[0]
-    due = first.step % wb_every == wb_every - 1
+    # Counted in target updates, as drift=N is: never on an idle call of
+    # every=k (the target would be stale).
+    k = _every.check_every(every)
+    new_first = new_state if isinstance(new_state, EmaState) else new_state[0]
+    due = (
+      (first.step % k == k - 1)
+      & ((first.step // k) % wb_every == wb_every - 1)
+      # Not on an update counted in `skipped`: the params were refused.
+      & (new_first.skipped == first.skipped)
+    )
 
     def write_back() -> optax.Updates:
       post = optax.apply_updates(params, updates)
@@ -932,7 +1020,9 @@ def track_ema(
       return (write_back() if bool(due) else updates), new_state
     return jax.lax.cond(due, write_back, lambda: updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  tx = TrackEmaTransformation(init_fn, update_fn)
+  tx.__dict__["momentum_at"] = update_lazy.momentum_at  # type: ignore[attr-defined]
+  return tx
 
 
 def _check_write_back(every: Any, momentum: Any) -> tuple[int | None, float]:
@@ -1007,12 +1097,22 @@ def get_target(
       ``opt_state`` (for a several-momenta EMA: the position of the momentum).
       Required when there is more than one; negative values count from the
       end.
-    online: optional; the online params. The leaves a ``policy`` excluded
-      (``None`` in the target) are then taken from it, so the result is a
-      complete tree for the teacher's forward pass.
+    online: optional; the online params. The result is then the teacher's
+      weights, laid out and placed like ``online``: the leaves a ``policy``
+      excluded (``None`` in the target) are taken from it, and the leaves
+      stored in their own layout (``target_sharding=``) or memory
+      (``memory_kind=``) are brought to the online leaf's sharding and
+      memory kind, each keeping its dtype. That costs an all-gather per
+      leaf sharded finer than its param (ZeRO-style) and a host-to-device
+      copy per offloaded leaf, on every call (the stored state is not
+      changed); leaves already laid out like their param cost nothing.
+      Eagerly (``jax.device_put``) and inside ``jit``: there, on Explicit
+      mesh axes, ``jax.sharding.reshard`` to the online leaf's layout (so a
+      data-parallel forward pass of the teacher type-checks); on Auto axes
+      XLA chooses the layout and inserts the all-gather where it is needed.
 
   Returns:
-    The target pytree.
+    The target pytree (with ``online``: a complete tree like ``online``).
 
   Raises:
     ValueError: if there is no :class:`EmaState` in ``opt_state``, or more
@@ -1056,7 +1156,46 @@ def get_target(
 
 
 def _filled(target: PyTree, online: PyTree) -> PyTree:
-  return target if online is None else _policy.fill(target, online)
+  """The teacher's weights: excluded leaves from ``online``, the stored ones
+  laid out and placed like their ``online`` leaf."""
+  if online is None:
+    return target
+  return _placement.like(_policy.fill(target, online), online)
+
+
+def _is_concrete(x: Any) -> bool:
+  return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def _carried(leaf: Any, computed: Any, meshes: set) -> Any:
+  """The layout an abstract target leaf carries (``jax.eval_shape`` keeps it
+  on Explicit mesh axes) on its concrete mesh, else ``computed``.
+
+  The memory kind is ``computed``'s unless the leaf carries one other than
+  the device's: an abstract state does not always say.
+  """
+  own = getattr(leaf, "sharding", None)
+  if _is_concrete(leaf):
+    return own
+  if not isinstance(own, jax.sharding.NamedSharding):
+    return computed
+  mesh = own.mesh
+  if not isinstance(mesh, jax.sharding.Mesh):
+    matches = [m for m in meshes if m.abstract_mesh == mesh]
+    if len(matches) != 1:
+      return computed
+    (mesh,) = matches
+  kind = own.memory_kind
+  if kind in (None, "device") and computed is not None:
+    kind = computed.memory_kind
+  carried = jax.sharding.NamedSharding(mesh, own.spec, memory_kind=kind)
+  if (
+    computed is not None
+    and computed.memory_kind == carried.memory_kind
+    and computed.is_equivalent_to(carried, len(leaf.shape))
+  ):
+    return computed  # the same layout, as the params spell it
+  return carried
 
 
 def _sharding_of(x: Any) -> Any:
@@ -1085,14 +1224,23 @@ def state_shardings(
 
   For an EMA built with options (``drift``, ``rounding="stochastic"``,
   several momenta, ``policy``), pass the state's structure too, e.g.
-  ``state_shardings(params, jax.eval_shape(ema.init, params))``: every
-  :class:`EmaState` in it gets the params' shardings for its target. For an
-  EMA built with ``target_sharding=`` or ``memory_kind=``, pass the same
-  keywords (``jax.eval_shape`` drops shardings and memory kinds on Auto mesh
-  axes, so they cannot be read back from an abstract state), or call
-  :meth:`EmaTransformation.state_shardings`, which knows them. A ``state``
-  of concrete arrays is read as it is: its targets' shardings are returned,
-  memory kind included.
+  ``state_shardings(params, jax.eval_shape(ema.init, params))``.
+
+  It never reports a layout other than the state's, where the state says:
+
+  * a ``state`` of concrete arrays is read as it is: every leaf's own
+    sharding, memory kind included;
+  * an abstract state whose target leaves carry shardings (what
+    ``jax.eval_shape`` gives on **Explicit** mesh axes) gives those
+    layouts, on the params' concrete mesh;
+  * where the state carries no layout (``jax.eval_shape`` on **Auto** mesh
+    axes drops shardings, and memory kinds on either kind of axes), it
+    cannot know: the target then gets the params' shardings, changed by the
+    ``target_sharding`` and ``memory_kind`` you pass, which must be those
+    the EMA was built with. :meth:`EmaTransformation.state_shardings`
+    (``ema(...).state_shardings(params)``) knows them: prefer it for a
+    state built by :func:`ema`; pass the keywords for :func:`track_ema`'s
+    state inside an optax state.
 
   Args:
     params: a pytree of arrays, ``jax.ShapeDtypeStruct`` s with shardings, or
@@ -1176,10 +1324,19 @@ def state_shardings(
   is_state = lambda x: isinstance(x, EmaState)
   counter = iter(kinds)
 
+  meshes = {
+    s.mesh
+    for s in found
+    if isinstance(s, jax.sharding.NamedSharding)
+    and isinstance(s.mesh, jax.sharding.Mesh)
+  }
+
   def one(x: Any) -> Any:
     if not is_state(x):
-      return scalar
+      return x.sharding if _is_concrete(x) else scalar
     kind = next(counter)
+    if all(_is_concrete(v) for v in jax.tree.leaves(x)):
+      return jax.tree.map(lambda v: v.sharding, x)  # the state as it is
     # None where a policy excluded a leaf, as in the state's target.
     stored = jax.tree.map(
       lambda t, sh: None if t is None else sh,
@@ -1187,14 +1344,11 @@ def state_shardings(
       target,
       is_leaf=lambda v: v is None or is_sharding(v),
     )
-    concrete = jax.tree.leaves(x.target)
-    if concrete and all(
-      isinstance(t, jax.Array) and not isinstance(t, jax.core.Tracer)
-      for t in concrete
-    ):
-      stored = jax.tree.map(lambda t: t.sharding, x.target)  # as it is
-    else:
-      stored = in_memory(stored, kind)
+    stored = jax.tree.map(
+      lambda t, sh: _carried(t, sh, meshes),
+      x.target,
+      in_memory(stored, kind),
+    )
     return EmaState(
       step=scalar,
       target=stored,

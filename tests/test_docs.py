@@ -99,7 +99,7 @@ def test_concepts_page_timm_port():
 def test_posthoc_page_block(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   ns: dict = {}
-  block = _block("PostHocSnapshots(", "howto/posthoc.md")
+  block = _block("snaps.maybe_save(state)", "howto/posthoc.md")
   exec(compile(block, "posthoc.md", "exec"), ns)  # pylint: disable=exec-used
   assert len(ns["snaps"]) == 6  # steps 100, 200, 300 x two widths
   assert ns["model"]["w"].shape == (3,)
@@ -198,6 +198,24 @@ def test_recipe_pages_hold_the_current_recipes(tmp_path, monkeypatch):
     (tmp_path / example).write_text((ROOT / example).read_text())
   monkeypatch.setattr(recipe_pages, "ROOT", tmp_path)
   assert recipe_pages.stale() == ["docs/howto/nnx.md"]
+
+
+def test_sharding_page_holds_the_current_scale_results():
+  """The sharding page holds a copy of benchmarks/scale_results.md (readable on
+  GitHub, no include line), equal to the generated file."""
+  text = (ROOT / "docs/howto/sharding.md").read_text()
+  assert "--8<--" not in text
+  found = re.search(
+    r"<!-- results:start benchmarks/scale_results.md [^>]*-->\n(.*?)\n"
+    r"<!-- results:end -->",
+    text,
+    flags=re.S,
+  )
+  assert found is not None
+  generated = (ROOT / "benchmarks/scale_results.md").read_text().rstrip("\n")
+  assert found.group(1) == generated, (
+    "docs/howto/sharding.md holds a stale copy of benchmarks/scale_results.md"
+  )
 
 
 DOCS = sorted((ROOT / "docs").rglob("*.md"))

@@ -460,7 +460,7 @@ def test_posthoc_snapshots_hold_the_stored_leaves_and_fill_completes(tmp_path):
   snaps = jepa_ema.PostHocSnapshots(tmp_path / "s", sigmas, every=2)
   for i in range(6):
     state = ema.update({"a": jnp.full(3, float(i)), "b": jnp.zeros(2)}, state)
-    snaps.maybe_save(state)
+    snaps.maybe_save(state, ema)
   assert all(load()["b"] is None for _, _, load in snaps)  # nothing stored
   out = jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.1)
   assert out["b"] is None

@@ -1,11 +1,12 @@
-"""The ports of docs/howto/porting.md against each PyTorch library's rule.
+"""The library's ports (``ema_pytorch_momentum``, ``diffusers_momentum``,
+``timm_momentum``; docs/howto/porting.md) against each PyTorch library's rule.
 
 Each reference below transcribes a library's update: its counters, the order
-of increment and read, its branches (ema-pytorch 0.7 ``EMA.update`` /
+of increment and read, its branches (ema-pytorch 0.7 / 0.8 ``EMA.update`` /
 ``get_current_decay``; diffusers ``EMAModel.step`` / ``get_decay``; timm
 ``ModelEmaV3.update`` / ``get_decay`` as timm's ``train.py`` calls it), in
-float64 on scalars. The page's schedules drive ``jepa_ema.ema`` over the
-same random-walk params; the momentum of every update (read back with
+float64 on scalars. The schedules drive ``jepa_ema.ema`` over the same
+random-walk params; the momentum of every update (read back with
 ``EmaTransformation.momentum``) and the target after it must agree.
 """
 
@@ -23,12 +24,8 @@ PAGE = pathlib.Path(__file__).resolve().parents[1] / "docs/howto/porting.md"
 N = 400  # updates compared
 
 
-def page_ports() -> dict:
-  ns: dict = {}
-  blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
-  for block in blocks[:3]:  # the three ports
-    exec(compile(block, str(PAGE), "exec"), ns)  # pylint: disable=exec-used
-  return ns
+def page_blocks() -> list[str]:
+  return re.findall(r"```python\n(.*?)```", PAGE.read_text(), flags=re.S)
 
 
 class EmaPytorch:
@@ -143,7 +140,7 @@ class Timm:
     return decay
 
 
-CASES = [  # (page function, reference, keyword arguments)
+CASES = [  # (jepa_ema's port, reference, keyword arguments)
   ("ema_pytorch_momentum", EmaPytorch, {}),
   (
     "ema_pytorch_momentum",
@@ -156,12 +153,22 @@ CASES = [  # (page function, reference, keyword arguments)
       min_value=0.1,
     ),
   ),
+  (
+    "ema_pytorch_momentum",
+    EmaPytorch,
+    dict(update_after_step=0, update_every=1, inv_gamma=5.0, beta=0.99),
+  ),
   ("diffusers_momentum", Diffusers, {}),
   ("diffusers_momentum", Diffusers, dict(use_ema_warmup=True)),
   (
     "diffusers_momentum",
     Diffusers,
     dict(update_after_step=7, min_decay=0.5, decay=0.99),
+  ),
+  (
+    "diffusers_momentum",
+    Diffusers,
+    dict(use_ema_warmup=True, inv_gamma=3.0, power=0.75, update_after_step=4),
   ),
   ("timm_momentum", Timm, {}),
   (
@@ -171,28 +178,35 @@ CASES = [  # (page function, reference, keyword arguments)
       use_warmup=True, update_after_step=10, min_decay=0.2, warmup_power=0.75
     ),
   ),
+  ("timm_momentum", Timm, dict(decay=0.998, update_after_step=30)),
 ]
 IDS = [
   "ema-pytorch defaults",
   "ema-pytorch other",
+  "ema-pytorch every call",
   "diffusers defaults",
   "diffusers warmup",
   "diffusers other",
+  "diffusers warmup other",
   "timm defaults",
   "timm warmup",
+  "timm late copy",
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_port_matches_the_library_update_by_update(case):
   name, reference, kwargs = case
-  schedule = page_ports()[name](**kwargs)
+  schedule = getattr(jepa_ema, name)(**kwargs)
   rng = np.random.default_rng(0)
   walk = np.cumsum(rng.normal(size=(N, 4)), axis=0) + 3.0  # the params
   x0 = rng.normal(size=4)  # the model at construction
   ref = reference(x0, **kwargs)
   ema = jepa_ema.ema(schedule)
   update = jax.jit(ema.update)
+  # Read back under jit, as the update computes it: XLA may round a
+  # chain of float32 operations differently from eager dispatch.
+  momentum = jax.jit(ema.momentum)
   field = {EmaPytorch: "ema", Diffusers: "shadow", Timm: "module"}[reference]
   dm = dx = dx_replay = 0.0
   replay = np.array(x0, np.float64)  # the library's rule, with our momenta
@@ -202,7 +216,7 @@ def test_port_matches_the_library_update_by_update(case):
     for t in range(N):
       want = ref.update(walk[t])
       state = update({"w": jnp.asarray(walk[t], jnp.float64)}, state)
-      got = float(ema.momentum(state))
+      got = float(momentum(state))
       dm = max(dm, abs(got - want))
       if want in (0.0, 1.0):  # a copy, or a call that does not act
         assert got == want, (t, got, want)
@@ -226,7 +240,7 @@ def test_ema_pytorch_update_every_is_not_every_k():
   """The reason for the port: every=10 moves at calls 9, 19, ... with the
   window's product; ema-pytorch at 0, 10, 20, ... with one step's
   momentum. Both hold the target between their moves."""
-  schedule = page_ports()["ema_pytorch_momentum"](update_after_step=0)
+  schedule = jepa_ema.ema_pytorch_momentum(update_after_step=0)
   ms = [float(schedule(c)) for c in range(31)]
   assert [c for c, m in enumerate(ms) if m != 1.0] == [0, 10, 20, 30]
   every = jepa_ema.ema(0.9, every=10)
@@ -239,13 +253,135 @@ def test_ema_pytorch_update_every_is_not_every_k():
 
 def test_page_prints_what_it_says(capsys):
   text = PAGE.read_text()
-  blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-  ns = page_ports()
-  exec(compile(blocks[3], str(PAGE), "exec"), ns)  # pylint: disable=exec-used
+  ns: dict = {}
+  for block in page_blocks()[:4]:  # the three ports, then the read-back
+    exec(compile(block, str(PAGE), "exec"), ns)  # pylint: disable=exec-used
   said = re.search(r"prints\n\n```\n(.*?)```", text, flags=re.S).group(1)
   assert capsys.readouterr().out == said
   # The printed warm-up value, by hand: 1 - (1 + 120 - 100) ** (-2/3).
   assert said.split()[0] == f"{1 - 21 ** (-2 / 3):.4f}"
+
+
+PORTS = [
+  jepa_ema.ema_pytorch_momentum,
+  jepa_ema.diffusers_momentum,
+  jepa_ema.timm_momentum,
+]
+
+
+@pytest.mark.parametrize("make", PORTS, ids=lambda f: f.__name__)
+def test_ports_are_schedules_like_the_others(make):
+  """Defaults are the library's; frozen, equal and hashed by value (one
+  compilation for two equal schedules); jit and vmap give the eager values."""
+  import dataclasses
+  import inspect
+
+  want = {
+    "ema_pytorch_momentum": dict(
+      beta=0.9999,
+      update_after_step=100,
+      update_every=10,
+      inv_gamma=1.0,
+      power=2 / 3,
+      min_value=0.0,
+    ),
+    "diffusers_momentum": dict(
+      decay=0.9999,
+      min_decay=0.0,
+      update_after_step=0,
+      use_ema_warmup=False,
+      inv_gamma=1.0,
+      power=2 / 3,
+    ),
+    "timm_momentum": dict(
+      decay=0.9999,
+      min_decay=0.0,
+      update_after_step=0,
+      use_warmup=False,
+      warmup_gamma=1.0,
+      warmup_power=2 / 3,
+    ),
+  }[make.__name__]
+  defaults = {
+    k: p.default for k, p in inspect.signature(make).parameters.items()
+  }
+  assert defaults == want
+  a, b = make(), make()
+  assert a == b and hash(a) == hash(b) and dataclasses.asdict(a) == want
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    a.update_after_step = 3  # type: ignore[misc]
+  steps = jnp.arange(0, 300, dtype=jnp.int32)
+  eager = np.array([float(a(int(t))) for t in steps])
+  np.testing.assert_array_equal(np.asarray(jax.vmap(a)(steps)), eager)
+  f = jax.jit(lambda s, t: s(t), static_argnums=0)
+  np.testing.assert_array_equal(
+    np.array([float(f(a, t)) for t in steps[:20]]), eager[:20]
+  )
+  assert f(b, jnp.int32(5)) == f(a, jnp.int32(5))
+  assert f._cache_size() == 1  # pylint: disable=protected-access
+  assert a(jnp.int32(7)).dtype == jnp.float32
+
+
+@pytest.mark.parametrize(
+  "make,kwargs,exc,match",
+  [
+    (jepa_ema.ema_pytorch_momentum, dict(beta=1.5), ValueError, "`beta`"),
+    (
+      jepa_ema.ema_pytorch_momentum,
+      dict(update_every=0),
+      ValueError,
+      "`update_every`",
+    ),
+    (
+      jepa_ema.ema_pytorch_momentum,
+      dict(update_after_step=-1),
+      ValueError,
+      "`update_after_step`",
+    ),
+    (jepa_ema.ema_pytorch_momentum, dict(power=0.0), ValueError, "`power`"),
+    (
+      jepa_ema.ema_pytorch_momentum,
+      dict(update_every=2.5),
+      TypeError,
+      "integer",
+    ),
+    (
+      jepa_ema.diffusers_momentum,
+      dict(min_decay=-0.1),
+      ValueError,
+      "`min_decay`",
+    ),
+    (
+      jepa_ema.diffusers_momentum,
+      dict(inv_gamma=0.0),
+      ValueError,
+      "`inv_gamma`",
+    ),
+    (jepa_ema.diffusers_momentum, dict(use_ema_warmup=1), TypeError, "bool"),
+    (jepa_ema.timm_momentum, dict(decay=float("nan")), ValueError, "`decay`"),
+    (
+      jepa_ema.timm_momentum,
+      dict(warmup_power=-1.0),
+      ValueError,
+      "`warmup_power`",
+    ),
+    (jepa_ema.timm_momentum, dict(use_warmup="yes"), TypeError, "`use_warmup`"),
+  ],
+)
+def test_ports_are_validated_when_built(make, kwargs, exc, match):
+  with pytest.raises(exc, match=match):
+    make(**kwargs)
+
+
+def test_ema_pytorch_port_counts_calls_exactly_past_float32():
+  """An int32 step beyond 2**24 (where float32 loses integers) still acts on
+  every update_every-th call only."""
+  schedule = jepa_ema.ema_pytorch_momentum()
+  base = 2**25
+  got = [float(schedule(jnp.int32(base + i))) for i in range(10)]
+  acts = [i for i, m in enumerate(got) if m != 1.0]
+  assert acts == [(10 - base % 10) % 10]
+  assert 0.9998 < got[acts[0]] <= np.float32(0.9999)
 
 
 def test_momentum_reads_the_last_update_and_any_step():

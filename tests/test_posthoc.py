@@ -235,6 +235,7 @@ def test_reconstruct_keeps_shardings_on_eight_devices(on_eight_devices):
 # ------------------------------------------------------------------ on disk
 
 SIGMAS = (0.05, 0.10)
+POWER = tuple(jepa_ema.power_momentum(sigma_rel=s) for s in SIGMAS)
 
 
 def _train(directory, steps=12, every=4, dtype=None, snaps=None):
@@ -252,7 +253,7 @@ def _train(directory, steps=12, every=4, dtype=None, snaps=None):
   for t in range(steps):
     params = {"w": params["w"] + 1.0 + 0.1 * t, "count": params["count"] + 1}
     state = ema.update(params, state)
-    saved.append(snaps.maybe_save(state))
+    saved.append(snaps.maybe_save(state, ema))
   return state, snaps, saved
 
 
@@ -278,7 +279,7 @@ def test_snapshots_round_trip(tmp_path):
   out = jepa_ema.posthoc_reconstruct(str(tmp_path / "s"), sigma_rel=0.10)
   np.testing.assert_allclose(out["w"], state[1].target["w"], rtol=1e-6)
   # Saving again at the same step writes nothing.
-  assert not snaps.maybe_save(state)
+  assert not snaps.maybe_save(state, jepa_ema.ema(POWER))
 
 
 def test_snapshots_storage_dtype(tmp_path):
@@ -405,7 +406,7 @@ def test_snapshot_argument_errors(tmp_path):
   with pytest.raises(ValueError, match="every"):
     jepa_ema.PostHocSnapshots(tmp_path / "b", SIGMAS, every=0)
   snaps = jepa_ema.PostHocSnapshots(tmp_path / "c", SIGMAS, every=1)
-  one = jepa_ema.ema(0.9).init({"w": jnp.zeros(2)})
+  one = snaps.ema().init({"w": jnp.zeros(2)})[0]
   with pytest.raises(ValueError, match="2 EmaState"):
     snaps.maybe_save(one)
 
@@ -425,3 +426,59 @@ def test_core_import_does_not_need_orbax():
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "[1.]" in proc.stdout
+
+
+# ------------------------------------------- one source of truth (round 4)
+
+
+@pytest.mark.parametrize(
+  "momenta,every,match",
+  [
+    ((0.99, 0.999), 1, "momentum 0 is not that of power_momentum"),
+    ((0.10, 0.05), 1, "momentum 0 is not that of power_momentum"),  # swapped
+    ((0.05, 0.07), 1, "momentum 1 is not that of power_momentum"),
+    ((0.05, 0.10), 3, None),  # every=3: the window's product, accepted
+    ((0.05, 0.10, 0.2), 1, None),  # more momenta after the widths
+    ((0.05,), 1, "1 momenta"),
+  ],
+)
+def test_maybe_save_refuses_the_states_of_another_ema(
+  tmp_path, momenta, every, match
+):
+  snaps = jepa_ema.PostHocSnapshots(tmp_path / "s", SIGMAS, every=6)
+  schedules = tuple(  # above 0.5: a constant momentum; else a width
+    m if m > 0.5 else jepa_ema.power_momentum(sigma_rel=m) for m in momenta
+  )
+  ema = jepa_ema.ema(schedules, every=every)
+  params = {"w": jnp.zeros(2)}
+  state = ema.init(params)
+  for _ in range(6):
+    state = ema.update({"w": state[0].target["w"] + 1.0}, state)
+  if match is None:
+    assert snaps.maybe_save(state[: len(SIGMAS)], ema)
+    assert len(snaps) == 2
+    return
+  with pytest.raises(ValueError, match=match):
+    snaps.maybe_save(state[: len(SIGMAS)], ema)
+  assert not (tmp_path / "s" / "0000000006-00").exists()  # nothing saved
+
+
+def test_snapshots_build_the_matching_ema(tmp_path):
+  snaps = jepa_ema.PostHocSnapshots(tmp_path / "s", SIGMAS, every=2)
+  with pytest.raises(TypeError, match="snaps.ema"):
+    snaps.maybe_save(jepa_ema.ema(POWER).init({"w": jnp.zeros(2)}))
+  ema = snaps.ema(dtype=jnp.float32, every=2)
+  assert [float(m) for m in ema.momentum(3)] == pytest.approx(
+    [float(jepa_ema.ema(POWER, every=2).momentum(3)[i]) for i in range(2)]
+  )
+  state = ema.init({"w": jnp.zeros(2)})
+  for _ in range(4):
+    state = ema.update({"w": jnp.ones(2)}, state)
+    snaps.maybe_save(state)  # the EMA it built: no argument
+  assert [s for s, _, _ in snaps] == [2, 2, 4, 4]
+  with pytest.raises(TypeError, match="sigma_rels"):
+    snaps.ema(momentum=0.9)
+  # A track_ema of the widths passes the check too.
+  tx = jepa_ema.track_ema(POWER)
+  snaps2 = jepa_ema.PostHocSnapshots(tmp_path / "t", SIGMAS, every=2)
+  assert not snaps2.maybe_save(tx.init({"w": jnp.zeros(2)}), tx)

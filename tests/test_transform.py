@@ -358,3 +358,57 @@ def test_ema_state_round_trip_via_state_dict():
   assert d["drift"] is None and d["key"] is None  # options off: no leaves
   back = flax.serialization.from_state_dict(ema.init({"w": jnp.zeros(3)}), d)
   chex.assert_trees_all_equal(back, state)
+
+
+# ------------------------------------------- track_ema(...).momentum (round 4)
+
+
+@pytest.mark.standard_promotion  # optax's MultiSteps inside
+@pytest.mark.parametrize("wrap", ["plain", "chain", "multisteps", "masked"])
+def test_track_ema_momentum_finds_its_state_anywhere(wrap):
+  schedule = jepa_ema.linear_momentum(0.5, 1.0, total_steps=8)
+  tx = jepa_ema.track_ema(schedule, every=2)
+  assert isinstance(tx, optax.GradientTransformation) and len(tx) == 2
+  params = {"w": jnp.zeros(2), "b": jnp.zeros(())}
+  opt = {
+    "plain": tx,
+    "chain": optax.chain(optax.sgd(0.1), tx),
+    "multisteps": optax.MultiSteps(
+      optax.chain(optax.sgd(0.1), tx), every_k_schedule=3
+    ),
+    "masked": optax.chain(
+      optax.sgd(0.1), optax.masked(tx, {"w": True, "b": False})
+    ),
+  }[wrap]
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="no update yet"):
+    tx.momentum(state)
+  mini = 3 if wrap == "multisteps" else 1
+  reference = jepa_ema.ema(schedule, every=2)
+  for real in range(1, 6):
+    for _ in range(mini):
+      grads = {"w": jnp.ones(2), "b": jnp.ones(())}
+      updates, state = opt.update(grads, state, params)
+      params = optax.apply_updates(params, updates)
+    # The last real update's momentum: 1 on the idle ones of every=2, the
+    # window's product on the others.
+    want = float(reference.momentum(real - 1))
+    assert float(tx.momentum(state)) == want
+    assert float(jax.jit(tx.momentum)(state)) == want
+  assert float(tx.momentum(3)) == float(reference.momentum(3))
+  # ema(...).momentum reads a nested optax state the same way.
+  assert float(reference.momentum(state)) == float(tx.momentum(state))
+
+
+def test_track_ema_momentum_errors():
+  tx = jepa_ema.track_ema((0.9, 0.99))
+  assert [float(m) for m in tx.momentum(0)] == pytest.approx([0.9, 0.99])
+  with pytest.raises(ValueError, match=">= 0"):
+    tx.momentum(-1)
+  other = jepa_ema.track_ema(0.9)
+  a = other.init({"w": jnp.zeros(2)})
+  b = a._replace(step=jnp.int32(3))
+  with pytest.raises(ValueError, match="different steps"):
+    other.momentum((a._replace(step=jnp.int32(1)), b))
+  with pytest.raises(TypeError, match="built by jepa_ema.track_ema"):
+    jepa_ema.TrackEmaTransformation(*optax.sgd(0.1)).momentum(1)

@@ -445,7 +445,7 @@ with tempfile.TemporaryDirectory() as d:
     saved = []
     for i in range(4):
       s = upd({"w": p0["w"] * (i + 2), "b": p0["b"] * i}, s)
-      if snaps.maybe_save(s):
+      if snaps.maybe_save(s, e):
         saved.append([jax.device_get(st.target) for st in s])
     host["posthoc_kinds"] = sorted(
       {x.sharding.memory_kind for st in s for x in jax.tree.leaves(st.target)}

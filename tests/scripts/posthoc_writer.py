@@ -33,8 +33,8 @@ def killing_write_json(path, obj):
 
 posthoc._write_json = killing_write_json
 sigmas = (0.05, 0.10)
-ema = jepa_ema.ema(tuple(jepa_ema.power_momentum(sigma_rel=s) for s in sigmas))
 snaps = jepa_ema.PostHocSnapshots(directory, sigmas, every=1)
+ema = snaps.ema()
 params = {f"w{i}": jnp.zeros((256, 256)) for i in range(16)}
 state = ema.init(params)
 for step in range(steps):

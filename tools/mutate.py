@@ -1,0 +1,867 @@
+"""Mutation testing for jepa_ema: how many small semantic changes the suite catches.
+
+Each mutant is one AST-level change to one module of ``jepa_ema/`` (a swapped
+comparison, ``and``/``or``, ``+``/``-``, a changed constant, a policy action
+swapped for another, a removed call statement, ...; see :func:`mutants_of`).
+For each mutant the script runs that module's test selection
+(:data:`SELECTION`) and the module's doctests with
+``pytest -x -q -p no:randomly -p no:cacheprovider``; a failing run catches the
+mutant, a run past the timeout (3x the clean run) counts as caught too but is
+reported apart.
+
+The repository is never touched: it is copied (``git ls-files`` plus untracked
+files git does not ignore) to a snapshot under ``/tmp``, the mutants are made
+from that snapshot, and each worker mutates a copy of its own, with ``cwd`` and
+``PYTHONPATH`` set to it (a smoke check asserts the copy's ``jepa_ema`` is the
+one imported), restoring the file after each mutant.
+
+Two stages keep a run within hours: a module may have a quick first-pass
+selection (:data:`FIRST_PASS`, e.g. the tests whose name says ``drift``); a
+mutant that survives it is run again against the full selection, so a
+reported survivor survived the whole selection.
+
+Run, e.g.::
+
+  .venv/bin/python tools/mutate.py --modules _drift _every \\
+    --json tools/mutation_results/results.json \\
+    --markdown tools/mutation_results/results.md
+  .venv/bin/python tools/mutate.py --modules schedules --sample 40 \\
+    --json tools/mutation_results/results.json \\
+    --markdown tools/mutation_results/results.md
+
+Results accumulate in the JSON file (a rerun skips the mutants already there:
+a mutant's id hashes the whole mutated file, so an edited module gets fresh
+ids). Survivor verdicts live in ``--verdicts`` (default
+``tools/mutation_results/verdicts.json``: ``{id: {"verdict": ..., "note":
+...}}``) and are copied into the markdown. A line holding
+``# pragma: no mutate`` is never mutated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm import tqdm
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PACKAGE = "jepa_ema"
+PRAGMA = "# pragma: no mutate"
+RESULTS = ROOT / "tools" / "mutation_results"
+
+# Module (path relative to the repository root) -> the test files that
+# exercise it. Edit this table when modules move; a module of the package
+# without an entry is reported (and skipped) by every run. The module's own
+# doctests always run too.
+SELECTION: dict[str, list[str]] = {
+  "jepa_ema/__init__.py": ["tests/test_transform.py", "tests/test_docs.py"],
+  "jepa_ema/schedules.py": [
+    "tests/test_schedules.py",
+    "tests/test_ports.py",
+    "tests/test_options_meet.py",
+    "tests/test_inputs.py",
+  ],
+  "jepa_ema/_kernel.py": [
+    "tests/test_update.py",
+    "tests/test_inputs.py",
+    "tests/test_options_meet.py",
+    "tests/test_combinations.py",
+  ],
+  "jepa_ema/update.py": [
+    "tests/test_update.py",
+    "tests/test_inputs.py",
+    "tests/test_options_meet.py",
+    "tests/test_combinations.py",
+  ],
+  "jepa_ema/transform.py": [
+    "tests/test_transform.py",
+    "tests/test_options.py",
+    "tests/test_combinations.py",
+    "tests/test_options_meet.py",
+    "tests/test_policy.py",
+    "tests/test_layout.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/policy.py": [
+    "tests/test_policy.py",
+    "tests/test_combinations.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/placement.py": ["tests/test_layout.py", "tests/test_sharding.py"],
+  "jepa_ema/posthoc.py": ["tests/test_posthoc.py"],
+  "jepa_ema/_every.py": [
+    "tests/test_options.py",
+    "tests/test_inputs.py",
+    "tests/test_combinations.py",
+    "tests/test_options_meet.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/_drift.py": [
+    "tests/test_options.py",
+    "tests/test_options_meet.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/_rounding.py": ["tests/test_options.py", "tests/test_inputs.py"],
+  "jepa_ema/nnx.py": ["tests/test_nnx.py"],
+}
+
+# Optional quick first pass (extra pytest arguments allowed, e.g. ``-k``): a
+# mutant it catches is caught; one that survives it is run again against the
+# full SELECTION entry, so only the full selection decides a survivor.
+FIRST_PASS: dict[str, list[str]] = {
+  "jepa_ema/_drift.py": [
+    "tests/test_options.py",
+    "tests/test_options_meet.py",
+    "-k",
+    "drift",
+  ],
+  "jepa_ema/_every.py": [
+    "tests/test_options.py",
+    "tests/test_options_meet.py",
+    "tests/test_combinations.py",
+    "-k",
+    "every or window or clip",
+  ],
+  "jepa_ema/schedules.py": ["tests/test_schedules.py", "tests/test_ports.py"],
+}
+
+PYTEST_FLAGS = ["-x", "-q", "-p", "no:randomly", "-p", "no:cacheprovider"]
+TIMEOUT_FACTOR = 3.0
+MIN_TIMEOUT_S = 30.0
+
+ACTIONS = ("average", "copy", "keep", "exclude")
+COMPARE_SWAPS: dict[type, type] = {
+  ast.Lt: ast.LtE,
+  ast.LtE: ast.Lt,
+  ast.Gt: ast.GtE,
+  ast.GtE: ast.Gt,
+  ast.Eq: ast.NotEq,
+  ast.NotEq: ast.Eq,
+  ast.Is: ast.IsNot,
+  ast.IsNot: ast.Is,
+  ast.In: ast.NotIn,
+  ast.NotIn: ast.In,
+}
+BINOP_SWAPS: dict[type, type] = {
+  ast.Add: ast.Sub,
+  ast.Sub: ast.Add,
+  ast.Mult: ast.Div,
+  ast.Div: ast.Mult,
+  ast.FloorDiv: ast.Mult,
+  ast.Mod: ast.FloorDiv,
+  ast.Pow: ast.Mult,
+  ast.BitOr: ast.BitAnd,  # `|` / `&` are JAX's elementwise or / and
+  ast.BitAnd: ast.BitOr,
+}
+MINMAX = {
+  "min": "max",
+  "max": "min",
+  "minimum": "maximum",
+  "maximum": "minimum",
+  "amin": "amax",
+  "amax": "amin",
+}
+
+
+@dataclasses.dataclass
+class Mutant:
+  """One change to one module.
+
+  Attributes:
+    id: ``path:line:operator:hash``; the hash covers the whole mutated file,
+      so an id names this exact program.
+    path: The module, relative to the repository root.
+    line: First line of the changed node (1-based).
+    end_line: Last line of the changed node.
+    operator: The kind of change (e.g. ``compare``, ``const``).
+    description: What changed, e.g. ``< -> <=``.
+    original: The original source lines of the change.
+    mutated: The same lines after the change.
+    source: The whole mutated module.
+  """
+
+  id: str
+  path: str
+  line: int
+  end_line: int
+  operator: str
+  description: str
+  original: str
+  mutated: str
+  source: str = dataclasses.field(repr=False)
+
+
+# ---------------------------------------------------------------------------
+# Making mutants.
+
+
+def _line_offsets(data: bytes) -> list[int]:
+  """Byte offset of the start of each line (index 0 is line 1)."""
+  offsets, pos = [0], 0
+  for line in data.splitlines(keepends=True):
+    pos += len(line)
+    offsets.append(pos)
+  return offsets
+
+
+def _is_docstring(stmt: ast.stmt) -> bool:
+  return (
+    isinstance(stmt, ast.Expr)
+    and isinstance(stmt.value, ast.Constant)
+    and isinstance(stmt.value.value, str)
+  )
+
+
+def _skipped_subtrees(tree: ast.Module) -> set[int]:
+  """ids of nodes never mutated, nor their children: docstrings (any bare
+  string statement), annotations, ``__all__``, raise statements (their
+  messages are no promise), f-strings and match patterns."""
+  skip: set[int] = set()
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Expr) and _is_docstring(node):
+      skip.add(id(node))
+    elif isinstance(node, (ast.Raise, ast.JoinedStr, ast.match_case)):
+      skip.add(id(node))
+    elif isinstance(node, ast.arg) and node.annotation is not None:
+      skip.add(id(node.annotation))
+    elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      if node.returns is not None:
+        skip.add(id(node.returns))
+    elif isinstance(node, ast.AnnAssign):
+      skip.add(id(node.annotation))
+    elif isinstance(node, (ast.Assign, ast.AugAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+        skip.add(id(node))
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      skip.add(id(node))
+  return skip
+
+
+def _walk(tree: ast.AST, skip: set[int]) -> Iterator[ast.AST]:
+  """Every node of ``tree`` outside the skipped subtrees, in source order."""
+  stack = [tree]
+  while stack:
+    node = stack.pop()
+    if id(node) in skip:
+      continue
+    yield node
+    stack.extend(reversed(list(ast.iter_child_nodes(node))))
+
+
+def _changes(
+  node: ast.AST, in_function: bool
+) -> Iterator[tuple[str, str, str]]:
+  """The changes of one node: ``(operator, description, replacement)`` where
+  ``replacement`` is new source for the node's span."""
+
+  def unparse(new: ast.AST) -> str:
+    text = ast.unparse(new)
+    return text if isinstance(new, ast.stmt) else f"({text})"
+
+  if isinstance(node, ast.Compare):
+    for i, op in enumerate(node.ops):
+      swap = COMPARE_SWAPS.get(type(op))
+      if swap is not None:
+        new = copy.deepcopy(node)
+        new.ops[i] = swap()
+        desc = f"{_op_text(op)} -> {_op_text(swap())}"
+        yield "compare", desc, unparse(new)
+  elif isinstance(node, ast.BoolOp):
+    new = copy.deepcopy(node)
+    new.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+    desc = "and -> or" if isinstance(node.op, ast.And) else "or -> and"
+    yield "boolop", desc, unparse(new)
+  elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+    yield "not", "not x -> x", unparse(node.operand)
+  elif isinstance(node, (ast.BinOp, ast.AugAssign)):
+    swap = BINOP_SWAPS.get(type(node.op))
+    if swap is not None:
+      new = copy.deepcopy(node)
+      new.op = swap()
+      desc = f"{_op_text(node.op)} -> {_op_text(swap())}"
+      yield "arith", desc, unparse(new)
+  elif isinstance(node, ast.Constant):
+    v = node.value
+    if isinstance(v, bool):
+      yield "bool", f"{v} -> {not v}", str(not v)
+    elif isinstance(v, int):
+      new_v: float = 0 if v == 1 else 1 if v == 0 else v + 1
+      yield "const", f"{v} -> {new_v}", repr(new_v)
+    elif isinstance(v, float):
+      new_v = 1.0 if v == 0.0 else 0.0 if v == 1.0 else v / 2
+      yield "const", f"{v!r} -> {new_v!r}", repr(new_v)
+    elif isinstance(v, str) and v in ACTIONS:
+      new_s = ACTIONS[(ACTIONS.index(v) + 1) % len(ACTIONS)]
+      yield "action", f"{v!r} -> {new_s!r}", repr(new_s)
+  elif isinstance(node, ast.Call):
+    f = node.func
+    name = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
+    if name in MINMAX:
+      new = copy.deepcopy(node)
+      if isinstance(new.func, ast.Name):
+        new.func.id = MINMAX[name]
+      else:
+        assert isinstance(new.func, ast.Attribute)
+        new.func.attr = MINMAX[name]
+      yield "minmax", f"{name} -> {MINMAX[name]}", unparse(new)
+    if name == "where" and len(node.args) == 3 and not node.keywords:
+      new = copy.deepcopy(node)
+      new.args[1], new.args[2] = new.args[2], new.args[1]
+      yield "where", "where(a, b, c) -> where(a, c, b)", unparse(new)
+  elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+    yield "drop-call", "call statement removed", "pass"
+  elif isinstance(node, ast.Return) and in_function and node.value is not None:
+    if not (isinstance(node.value, ast.Constant) and node.value.value is None):
+      yield "return-none", "return x -> return None", "return None"
+
+
+def _op_text(op: ast.AST) -> str:
+  text = {
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.BitOr: "|",
+    ast.BitAnd: "&",
+  }
+  return text[type(op)]
+
+
+def _function_nodes(tree: ast.Module) -> set[int]:
+  """ids of the return statements that sit directly in a function."""
+  inside: set[int] = set()
+  for fn in ast.walk(tree):
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      for node in ast.walk(fn):
+        if isinstance(node, ast.Return):
+          inside.add(id(node))
+  return inside
+
+
+def mutants_of(path: str, source: str) -> list[Mutant]:
+  """Every mutant of one module, in source order.
+
+  Operators: comparison swaps (``<``/``<=``, ``>``/``>=``, ``==``/``!=``,
+  ``is``/``is not``, ``in``/``not in``), ``and``/``or``, ``not`` removed,
+  arithmetic swaps (``+``/``-``, ``*``/``/``, ``//`` -> ``*``, ``%`` ->
+  ``//``, ``**`` -> ``*``, ``|``/``&``), numeric constants (0 -> 1, 1 -> 0,
+  n -> n + 1; 0.0 -> 1.0, 1.0 -> 0.0, x -> x / 2), a policy action string
+  swapped for the next of ``average, copy, keep, exclude``, ``True``/``False``,
+  ``return x`` -> ``return None``, a call statement removed, ``min``/``max``
+  (also ``minimum``/``maximum``), and ``where(a, b, c)`` -> ``where(a, c,
+  b)``. Skipped: docstrings, annotations, ``__all__``, imports, raise
+  statements, f-strings, and lines marked ``# pragma: no mutate``.
+
+  Args:
+    path: The module's path relative to the repository root (for ids).
+    source: The module's source.
+
+  Returns:
+    The mutants; a change that leaves the AST as it was, or repeats another
+    mutant's program, is dropped.
+  """
+  data = source.encode()
+  lines = source.splitlines()
+  offsets = _line_offsets(data)
+  tree = ast.parse(source)
+  skip = _skipped_subtrees(tree)
+  in_function = _function_nodes(tree)
+  original_dump = ast.dump(tree)
+  seen: set[str] = set()
+  out: list[Mutant] = []
+  for node in _walk(tree, skip):
+    if not hasattr(node, "lineno") or node.end_lineno is None:
+      continue
+    line, end = node.lineno, node.end_lineno
+    if PRAGMA in lines[line - 1]:
+      continue
+    start_b = offsets[line - 1] + node.col_offset
+    end_b = offsets[end - 1] + (node.end_col_offset or 0)
+    for operator, desc, repl in _changes(node, id(node) in in_function):
+      new_data = data[:start_b] + repl.encode() + data[end_b:]
+      new_source = new_data.decode()
+      try:
+        new_tree = ast.parse(new_source)
+      except SyntaxError:
+        continue
+      if ast.dump(new_tree) == original_dump:
+        continue
+      digest = hashlib.sha1(new_data).hexdigest()[:12]
+      if digest in seen:
+        continue
+      seen.add(digest)
+      first = data[offsets[line - 1] : start_b].decode()
+      last = data[end_b : offsets[end]].decode().rstrip("\n")
+      out.append(
+        Mutant(
+          id=f"{path}:{line}:{operator}:{digest}",
+          path=path,
+          line=line,
+          end_line=end,
+          operator=operator,
+          description=desc,
+          original="\n".join(lines[line - 1 : end]),
+          mutated=first + repl + last,
+          source=new_source,
+        )
+      )
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Copies of the repository.
+
+
+def repo_files(root: pathlib.Path) -> list[str]:
+  """Tracked files plus untracked ones git does not ignore (present ones)."""
+  out = subprocess.run(
+    ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+    cwd=root,
+    capture_output=True,
+    check=True,
+  ).stdout.decode()
+  names = sorted({n for n in out.split("\0") if n})
+  return [n for n in names if (root / n).is_file()]
+
+
+def copy_tree(
+  src: pathlib.Path, dst: pathlib.Path, names: Sequence[str]
+) -> None:
+  """Copies ``names`` (relative paths) from ``src`` into a fresh ``dst``."""
+  if dst.exists():
+    shutil.rmtree(dst)
+  for name in names:
+    target = dst / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / name, target)
+
+
+def test_env(copy_root: pathlib.Path) -> dict[str, str]:
+  """The environment of a test run in ``copy_root``: its package first on
+  the path, no bytecode written (a restored file must never meet the
+  mutant's cached bytecode), JAX on the CPU."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = str(copy_root)
+  env["PYTHONDONTWRITEBYTECODE"] = "1"
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  return env
+
+
+def smoke_check(copy_root: pathlib.Path) -> str:
+  """Asserts that a test run in ``copy_root`` imports the copy's package.
+
+  A throwaway test file in the copy prints ``jepa_ema.__file__`` from inside
+  pytest (the way the mutants are run), then is removed.
+
+  Returns:
+    The imported package's ``__file__``.
+  """
+  probe = copy_root / "tests" / "test_zz_mutate_probe.py"
+  probe.write_text(
+    f"import {PACKAGE}\n\n\ndef test_probe():\n"
+    f"  print('PROBE', {PACKAGE}.__file__)\n"
+  )
+  try:
+    proc = subprocess.run(
+      [sys.executable, "-m", "pytest", "-q", "-s", *PYTEST_FLAGS[1:], probe],
+      cwd=copy_root,
+      env=test_env(copy_root),
+      capture_output=True,
+      text=True,
+    )
+  finally:
+    probe.unlink()
+  found = re.findall(r"^PROBE (.+)$", proc.stdout, re.M)
+  expected = (copy_root / PACKAGE / "__init__.py").resolve()
+  if not found or pathlib.Path(found[0]).resolve() != expected:
+    raise SystemExit(f"the copy's tests import {found}, not {expected}")
+  return found[0]
+
+
+# ---------------------------------------------------------------------------
+# Running tests.
+
+
+@dataclasses.dataclass
+class Run:
+  """One pytest run: ``status`` is ``passed``, ``failed``, ``error``
+  (collection / usage error, or no tests) or ``timeout``."""
+
+  status: str
+  seconds: float
+  detail: str
+
+
+def run_pytest(
+  copy_root: pathlib.Path,
+  args: Sequence[str],
+  timeout: float | None,
+  extra: Sequence[str] = (),
+) -> Run:
+  """Runs ``pytest PYTEST_FLAGS *extra *args`` in ``copy_root``.
+
+  A run past ``timeout`` has its whole process group killed.
+  """
+  cmd = [sys.executable, "-m", "pytest", *PYTEST_FLAGS, *extra, *args]
+  t0 = time.monotonic()
+  proc = subprocess.Popen(
+    cmd,
+    cwd=copy_root,
+    env=test_env(copy_root),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
+  try:
+    output, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    return Run("timeout", time.monotonic() - t0, f"past {timeout:.0f} s")
+  seconds = time.monotonic() - t0
+  if proc.returncode == 0:
+    return Run("passed", seconds, "")
+  failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
+  detail = failed[0] if failed else output.strip().splitlines()[-1:][0]
+  status = "failed" if proc.returncode == 1 else "error"
+  return Run(status, seconds, detail[:300])
+
+
+def selection_args(module: str, stage: dict[str, list[str]]) -> list[str]:
+  """pytest arguments for ``module``: its tests then its own doctests."""
+  return [*stage[module], module]
+
+
+# ---------------------------------------------------------------------------
+# Results.
+
+
+def load_json(path: pathlib.Path | None) -> dict[str, Any]:
+  if path is None or not path.exists():
+    return {"mutants": {}, "clean": {}}
+  return json.loads(path.read_text())
+
+
+def save_json(path: pathlib.Path | None, data: dict[str, Any]) -> None:
+  if path is None:
+    return
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(".tmp")
+  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)
+
+
+def summarize(
+  results: dict[str, Any], verdicts: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+  """Counts per module: made, run, caught, timeouts, survivors, and the
+  score over non-equivalent mutants."""
+  per: dict[str, dict[str, Any]] = {}
+  for r in results["mutants"].values():
+    s = per.setdefault(
+      r["path"],
+      {
+        "made": r.get("made", 0),
+        "run": 0,
+        "caught": 0,
+        "timeouts": 0,
+        "survived": 0,
+        "equivalent": 0,
+        "seconds": 0.0,
+      },
+    )
+    s["made"] = max(s["made"], r.get("made", 0))
+    s["run"] += 1
+    s["seconds"] += r["seconds"]
+    if r["status"] == "caught":
+      s["caught"] += 1
+    elif r["status"] == "timeout":
+      s["timeouts"] += 1
+    else:
+      s["survived"] += 1
+      if verdicts.get(r["id"], {}).get("verdict") == "equivalent":
+        s["equivalent"] += 1
+  for s in per.values():
+    denominator = s["run"] - s["equivalent"]
+    caught = s["caught"] + s["timeouts"]
+    s["score"] = caught / denominator if denominator else 1.0
+  return per
+
+
+def write_markdown(
+  path: pathlib.Path, results: dict[str, Any], verdicts: dict[str, Any]
+) -> None:
+  """The summary table and one row per survivor (verdict blank until
+  given in the verdicts file)."""
+  per = summarize(results, verdicts)
+  out = [
+    "# Mutation testing: jepa_ema",
+    "",
+    "Made by `tools/mutate.py` (see its docstring for the operators and the",
+    "per-module test selection). Caught includes collection errors; a",
+    "timeout (3x the clean run) counts as caught. Score = (caught + timeouts)"
+    " / (run - equivalent).",
+    "",
+    "| module | made | run | caught | timeouts | survived | equivalent "
+    "| score | s/mutant |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for mod, s in sorted(per.items()):
+    out.append(
+      f"| `{mod}` | {s['made']} | {s['run']} | {s['caught']} | "
+      f"{s['timeouts']} | {s['survived']} | {s['equivalent']} | "
+      f"{100 * s['score']:.1f} % | {s['seconds'] / max(s['run'], 1):.0f} |"
+    )
+  for mod, clean in sorted(results.get("clean", {}).items()):
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(clean.items()))
+    out.append(f"\nClean run of `{mod}`'s selection: {stages}.")
+  out += [
+    "",
+    "## Survivors",
+    "",
+    "| id | where | change | original | mutated | verdict | note |",
+    "|---|---|---|---|---|---|---|",
+  ]
+
+  def cell(text: str) -> str:
+    text = " ⏎ ".join(x.strip() for x in text.splitlines())
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+  survivors = [
+    r for r in results["mutants"].values() if r["status"] == "survived"
+  ]
+  for r in sorted(survivors, key=lambda r: (r["path"], r["line"])):
+    v = verdicts.get(r["id"], {})
+    out.append(
+      f"| `{r['id'].rsplit(':', 1)[1]}` | {r['path']}:{r['line']} | "
+      f"{r['description']} | {cell(r['original'])} | {cell(r['mutated'])} | "
+      f"{v.get('verdict', '')} | {v.get('note', '').replace('|', '/')} |"
+    )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n".join(out) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# The run.
+
+
+def package_modules(root: pathlib.Path) -> list[str]:
+  return sorted(
+    p.relative_to(root).as_posix() for p in (root / PACKAGE).glob("**/*.py")
+  )
+
+
+def resolve_modules(
+  names: Sequence[str] | None, root: pathlib.Path
+) -> list[str]:
+  """``_drift``, ``jepa_ema/_drift.py`` or ``jepa_ema._drift`` -> path."""
+  known = package_modules(root)
+  if not names:
+    return [m for m in known if m in SELECTION]
+  out = []
+  for name in names:
+    stem = name.removesuffix(".py").replace(".", "/").removeprefix(PACKAGE)
+    path = f"{PACKAGE}/{stem.strip('/')}.py"
+    if path not in known:
+      raise SystemExit(f"no module {name!r} (looked for {path})")
+    out.append(path)
+  return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Command line entry point; see the module docstring."""
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--modules", nargs="*", help="default: all in SELECTION")
+  p.add_argument("--max-mutants", type=int, help="stop after this many runs")
+  p.add_argument("--sample", type=int, help="seeded sample per module")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--workers", type=int, default=1)
+  p.add_argument("--json", type=pathlib.Path)
+  p.add_argument("--markdown", type=pathlib.Path)
+  p.add_argument(
+    "--verdicts", type=pathlib.Path, default=RESULTS / "verdicts.json"
+  )
+  p.add_argument("--only", nargs="*", help="run just these mutant ids")
+  p.add_argument("--rerun", action="store_true", help="ignore stored results")
+  p.add_argument(
+    "--no-first-pass", action="store_true", help="full selection only"
+  )
+  p.add_argument("--hypothesis-profile", help="passed on to pytest")
+  p.add_argument("--list", action="store_true", help="list mutants, run none")
+  p.add_argument("--workdir", type=pathlib.Path)
+  args = p.parse_args(argv)
+
+  missing = [m for m in package_modules(ROOT) if m not in SELECTION]
+  for m in missing:
+    print(f"warning: {m} has no entry in SELECTION; it is not mutated")
+  modules = resolve_modules(args.modules, ROOT)
+  verdicts = load_json(args.verdicts) if args.verdicts.exists() else {}
+
+  work = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="jepa_mutate_"))
+  work.mkdir(parents=True, exist_ok=True)
+  names = repo_files(ROOT)
+  snapshot = work / "snapshot"
+  copy_tree(ROOT, snapshot, names)
+  print(f"snapshot of {len(names)} files in {snapshot}")
+
+  results = load_json(args.json)
+  todo: list[tuple[Mutant, int]] = []
+  for mod in modules:
+    if mod not in SELECTION:
+      print(f"warning: {mod} has no entry in SELECTION; skipped")
+      continue
+    found = mutants_of(mod, (snapshot / mod).read_text())
+    made = len(found)
+    current = {m.id for m in found}
+    for k in [k for k, r in results["mutants"].items() if r["path"] == mod]:
+      if k not in current:  # the module changed: those results are stale
+        del results["mutants"][k]
+    chosen = found
+    if args.sample is not None and args.sample < len(found):
+      rng = random.Random(f"{args.seed}:{mod}")
+      chosen = sorted(rng.sample(found, args.sample), key=lambda m: m.line)
+    if args.only:
+      chosen = [m for m in found if m.id in args.only]
+    print(f"{mod}: {made} mutants made, {len(chosen)} chosen")
+    for m in chosen:
+      if args.list:
+        print(f"  {m.id}  {m.description}\n    - {m.original.strip()}")
+        print(f"    + {m.mutated.strip()}")
+      elif args.rerun or m.id not in results["mutants"]:
+        todo.append((m, made))
+  if args.list:
+    return 0
+  if args.max_mutants is not None:
+    todo = todo[: args.max_mutants]
+  save_json(args.json, results)
+  if not todo:
+    print("nothing to run")
+    if args.markdown:
+      write_markdown(args.markdown, results, verdicts)
+    return 0
+
+  extra = []
+  if args.hypothesis_profile:
+    extra = ["--hypothesis-profile", args.hypothesis_profile]
+  print("imports from", smoke_check(snapshot))
+
+  # Clean runs: every selection must pass unmutated; they set the timeouts.
+  timeouts: dict[tuple[str, str], float] = {}
+  for mod in sorted({m.path for m, _ in todo}):
+    stages = {"full": SELECTION}
+    if mod in FIRST_PASS and not args.no_first_pass:
+      stages["first"] = FIRST_PASS
+    for stage, table in stages.items():
+      run = run_pytest(snapshot, selection_args(mod, table), None, extra)
+      if run.status != "passed":
+        raise SystemExit(
+          f"the clean {stage} selection of {mod} does not pass: {run.detail}"
+        )
+      print(f"clean {stage} selection of {mod}: {run.seconds:.0f} s")
+      results["clean"].setdefault(mod, {})[stage] = run.seconds
+      timeouts[mod, stage] = max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * run.seconds)
+  save_json(args.json, results)
+
+  copies: queue.Queue[pathlib.Path] = queue.Queue()
+  for i in range(args.workers):
+    dst = work / f"worker{i}"
+    copy_tree(snapshot, dst, names)
+    copies.put(dst)
+  lock = threading.Lock()
+
+  def one(mutant: Mutant, made: int) -> dict[str, Any]:
+    root = copies.get()
+    target = root / mutant.path
+    original = target.read_text()
+    try:
+      target.write_text(mutant.source)
+      runs = []
+      stages = ["first", "full"] if (mutant.path, "first") in timeouts else []
+      for stage in stages or ["full"]:
+        table = FIRST_PASS if stage == "first" else SELECTION
+        run = run_pytest(
+          root,
+          selection_args(mutant.path, table),
+          timeouts[mutant.path, stage],
+          extra,
+        )
+        runs.append({"stage": stage, **dataclasses.asdict(run)})
+        if run.status != "passed":
+          break
+    finally:
+      target.write_text(original)
+      copies.put(root)
+    last = runs[-1]["status"]
+    status = {"passed": "survived", "timeout": "timeout"}.get(last, "caught")
+    record = {
+      k: v for k, v in dataclasses.asdict(mutant).items() if k != "source"
+    }
+    record.update(
+      status=status,
+      made=made,
+      seconds=sum(r["seconds"] for r in runs),
+      runs=runs,
+    )
+    with lock:
+      results["mutants"][mutant.id] = record
+      save_json(args.json, results)
+    return record
+
+  bar = tqdm(total=len(todo), unit="mutant")
+  with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
+    futures = [pool.submit(one, m, made) for m, made in todo]
+    for fut in concurrent.futures.as_completed(futures):
+      r = fut.result()
+      bar.update()
+      bar.set_postfix_str(f"{r['status']} {r['path']}:{r['line']}")
+      if r["status"] == "survived":
+        tqdm.write(f"SURVIVED {r['id']}: {r['description']}")
+  bar.close()
+
+  for mod, s in sorted(summarize(results, verdicts).items()):
+    print(
+      f"{mod}: made {s['made']}, run {s['run']}, caught {s['caught']}, "
+      f"timeouts {s['timeouts']}, survived {s['survived']}, "
+      f"{s['seconds'] / max(s['run'], 1):.0f} s/mutant"
+    )
+  if args.markdown:
+    write_markdown(args.markdown, results, verdicts)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
