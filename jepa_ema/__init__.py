@@ -2,8 +2,11 @@
 
 ``target <- m(t) * target + (1 - m(t)) * online`` for every floating leaf of a
 parameter pytree, with the momentum schedules of I-JEPA, V-JEPA, BYOL, DINO and
-MoCo. Data flows one way: :mod:`jepa_ema.schedules` -> :mod:`jepa_ema.update`
--> :mod:`jepa_ema.transform` -> :mod:`jepa_ema.posthoc`.
+MoCo. Data flows one way (docs/architecture.md): :mod:`jepa_ema.schedules` ->
+the kernel -> :mod:`jepa_ema.policy` and :mod:`jepa_ema.placement` -> the
+per-leaf plan -> :mod:`jepa_ema.update` (the pure update) and
+:mod:`jepa_ema.state` -> :mod:`jepa_ema.transform` (``ema``, ``track_ema``) ->
+:mod:`jepa_ema.posthoc`.
 """
 
 from jepa_ema.placement import sharded_over
@@ -32,14 +35,12 @@ from jepa_ema.schedules import (
   timm_momentum,
   warmup_momentum,
 )
+from jepa_ema.state import EmaState, get_target, state_shardings
 from jepa_ema.transform import (
-  EmaState,
   EmaTransformation,
   PrecisionWarning,
   TrackEmaTransformation,
   ema,
-  get_target,
-  state_shardings,
   track_ema,
 )
 from jepa_ema.update import ShardingMismatchWarning, ema_update, make_ema_update

@@ -1,8 +1,9 @@
 """The ``drift`` option: ``||target - params|| / ||params||`` (internal).
 
-Its check (``drift=True`` or an interval ``N``), the norms (global and per
-top-level entry of the params tree, in float32) and when they are recomputed
-(every update, or updates ``N-1, 2N-1, ...`` under a ``lax.cond``).
+The norms (global and per top-level entry of the params tree, in float32)
+and when they are recomputed (every update, or updates ``N-1, 2N-1, ...``
+under a ``lax.cond``). The option's check is in :mod:`jepa_ema._options`;
+which leaves it measures, in the plan (:mod:`jepa_ema._plan`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jepa_ema import _kernel
 
 __all__ = [
-  "check_drift",
   "module_name",
   "drift_modules",
   "relative_distance",
@@ -26,23 +25,6 @@ __all__ = [
 ]
 
 PyTree = _kernel.PyTree
-
-
-def check_drift(drift: Any) -> int:
-  """``drift`` as the interval N of updates (0: off; True: 1)."""
-  if isinstance(drift, bool):
-    return int(drift)
-  if not isinstance(drift, (int, np.integer)):
-    raise TypeError(
-      f"`drift` must be a bool or a positive int (compute it on "
-      f"every N-th update), got {drift!r}."
-    )
-  if drift < 1:
-    raise ValueError(
-      f"`drift` must be True/False or an int >= 1 (compute it "
-      f"on every N-th update), got {drift}."
-    )
-  return int(drift)
 
 
 def module_name(path: tuple) -> str:

@@ -1,14 +1,17 @@
 """The ``every=k`` option: update on every k-th step with the window's momentum (internal).
 
-The target moves on steps ``k-1, 2k-1, ...`` with the product of the
-schedule's momenta over the window (:func:`window_momentum`), so the horizon
-in steps stays that of the per-step EMA.
+The target moves on steps ``k-1, 2k-1, ...`` (:func:`is_update_step`; the
+gate around the update is :func:`gated`) with the product of the schedule's
+momenta over the window (:func:`window_momentum`), so the horizon in steps
+stays that of the per-step EMA; :func:`applied_momentum` is the momentum a
+step applies (1 between updates).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,21 +23,57 @@ from jepa_ema import schedules as _schedules
 __all__ = [
   "WindowSchedule",
   "window_schedule",
-  "check_every",
+  "is_update_step",
+  "gated",
+  "applied_momentum",
   "window_momentum",
   "exact_product",
 ]
 
+T = TypeVar("T")
 
-def check_every(every: Any) -> int:
-  if isinstance(every, bool) or not isinstance(every, (int, np.integer)):
-    raise TypeError(f"`every` must be a positive int, got {every!r}.")
-  if every < 1:
-    raise ValueError(
-      f"`every` must be >= 1 (update the target on every "
-      f"`every`-th step), got {every}."
-    )
-  return int(every)
+
+def is_update_step(step: Any, every: int) -> Any:
+  """Whether the target moves on ``step`` (counted from 0): steps ``k-1,
+  2k-1, ...``; a Python bool for a concrete step, a traced one otherwise."""
+  return step % every == every - 1
+
+
+def gated(
+  step: Any,
+  every: int,
+  update: Callable[[T], T],
+  idle: Callable[[T], T],
+  operand: T,
+) -> T:
+  """``update(operand)`` on the update steps of ``every=k``, else ``operand``.
+
+  Every step for ``every=1``; eagerly a Python branch (``operand`` as it is
+  on the other steps); under ``jit`` a ``lax.cond`` on the stored step (no
+  recompilation), whose other branch is ``idle`` (it must return the type
+  ``update`` returns).
+  """
+  if every == 1:
+    return update(operand)
+  if not isinstance(step, jax.core.Tracer):  # eager: a Python branch
+    return update(operand) if is_update_step(int(step), every) else operand
+  return jax.lax.cond(is_update_step(step, every), update, idle, operand)
+
+
+def applied_momentum(
+  schedule: _schedules.Schedule, step: Any, every: int
+) -> jax.Array:
+  """The momentum update ``step`` applies: ``schedule(step)``; with
+  ``every=k`` the window's product on update steps and 1 in between (the
+  target does not move), traced steps included."""
+  if every > 1:
+    update_step = is_update_step(step, every)
+    if not isinstance(step, jax.core.Tracer) and not bool(update_step):
+      return jnp.float32(1.0)
+  m, _ = window_momentum(schedule, jnp.asarray(step), every)
+  if every > 1:
+    m = jnp.where(update_step, m, jnp.float32(1.0))
+  return m
 
 
 def window_momentum(

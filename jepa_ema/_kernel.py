@@ -458,32 +458,44 @@ def blend_leaf(
   return mixed.astype(out_dtype)
 
 
-def copy_leaf(t: Any, o: Any) -> Any:
-  """The online value in the target leaf's dtype (the ``"copy"`` action)."""
-  if not is_float_leaf(t):
-    if isinstance(o, (np.ndarray, np.generic)):
-      return jnp.asarray(o)
+def copy_leaf(o: Any, dtype: Any = None, *, fresh: bool = False) -> Any:
+  """The leaf ``o`` as a target takes it: the ``"copy"`` action, and every
+  leaf of a new target.
+
+  ``dtype``: the target leaf's dtype (None: ``o``'s own). A floating one
+  gets the value exactly as ``o``'s dtype holds it (:func:`as_held`), cast;
+  other leaves are taken as they are (NumPy ones as JAX arrays), non-array
+  objects too. ``fresh``: a new buffer (a new target must not alias the
+  params it is built from), cast to ``dtype`` where that differs.
+  """
+  if not is_array_like(o):
     return o
-  return as_held(o, jnp.asarray(t).dtype)
+  if fresh:
+    if dtype is None or leaf_dtype(o) == dtype:
+      return jnp.array(o, copy=True)
+    return jnp.array(o, dtype=dtype, copy=True)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
+    return jnp.asarray(o) if isinstance(o, (np.ndarray, np.generic)) else o
+  return as_held(o, dtype)
 
 
 def blend_tree(
   target: PyTree,
   online: PyTree,
   m: jax.Array,
-  rounders: Sequence[Rounder | None] | None = None,
-  actions: Sequence[str] | None = None,
+  rounders: Sequence[Rounder | None] | None,
+  actions: Sequence[str],
 ) -> PyTree:
   """:func:`blend_leaf` over checked trees; ``rounders``: one per target leaf.
 
-  ``actions`` (one per target leaf, from :mod:`jepa_ema.policy`; None: every
-  leaf averaged): ``"average"`` blends, ``"copy"`` takes the online value
-  (:func:`copy_leaf`), ``"keep"`` returns the target leaf as it is.
+  ``actions``: one per target leaf, the plan's (:mod:`jepa_ema._plan`):
+  ``"average"`` blends, ``"copy"`` takes the online value in the target
+  leaf's dtype (:func:`copy_leaf`), ``"keep"`` returns the target leaf as it
+  is.
   """
   leaves, treedef_ = jax.tree.flatten(target)
   treedef: Any = treedef_
   rounders = rounders if rounders is not None else [None] * len(leaves)
-  actions = actions if actions is not None else ["average"] * len(leaves)
   out = []
   for t, o, r, a in zip(
     leaves, treedef.flatten_up_to(online), rounders, actions
@@ -491,7 +503,9 @@ def blend_tree(
     if a == "keep":
       out.append(t)
     elif a == "copy":
-      out.append(copy_leaf(t, o))
+      out.append(
+        copy_leaf(o, jnp.asarray(t).dtype if is_float_leaf(t) else None)
+      )
     else:
       out.append(blend_leaf(t, o, m, r))
   return jax.tree.unflatten(treedef, out)
@@ -501,27 +515,26 @@ def hold_unblended(
   new: PyTree,
   old: PyTree,
   lost: jax.Array | bool,
-  actions: Sequence[str] | None = None,
+  copied: Sequence[bool],
 ) -> PyTree:
-  """``old`` wherever :func:`blend_tree` did not blend, if ``lost``.
+  """``old`` at the ``copied`` leaves (one flag per target leaf), if ``lost``.
 
   A skipped update (non-finite params under ``skip_nonfinite``, or a
   non-finite traced momentum) has momentum 1, which leaves the blended
-  leaves bitwise; the copied leaves and the non-floating ones (taken from
-  online) are held here, so the whole target is left bitwise. One scalar
-  select per such leaf; the blended leaves are untouched. Non-array leaves
-  (Python objects, taken from online as they are) cannot be selected and
-  are left to the caller's static structure.
+  leaves bitwise; the copied leaves (the ``"copy"`` action and the
+  non-floating ones, taken from online) are held here, so the whole target
+  is left bitwise. One scalar select per such leaf; the blended and kept
+  leaves are untouched. Non-array leaves (Python objects, taken from online
+  as they are) cannot be selected and are left to the caller's static
+  structure.
   """
   leaves, treedef_ = jax.tree.flatten(new)
   treedef: Any = treedef_
   olds = treedef.flatten_up_to(old)
-  actions = actions if actions is not None else ["average"] * len(leaves)
   out = []
-  for n, o, a in zip(leaves, olds, actions):
-    blended = a == "average" and is_float_leaf(o)
-    if a == "keep" or blended or not is_array_like(n):
-      out.append(n)
-    else:
+  for n, o, held in zip(leaves, olds, copied):
+    if held and is_array_like(n):
       out.append(jnp.where(lost, o, n))
+    else:
+      out.append(n)
   return jax.tree.unflatten(treedef, out)

@@ -24,8 +24,11 @@ choose where the target lives, whatever the params' layout:
   memory kind per target.
 
 :func:`sharded_over` is a ready ``target_sharding=`` for the ZeRO-style
-layout. The helpers below it are the package's: :mod:`jepa_ema.transform`
-calls them.
+layout. The helpers below the public names are the package's: they validate
+the two options (:mod:`jepa_ema._options`), resolve a layout per leaf (the
+plan, :mod:`jepa_ema._plan`, composes it with the policy), lay a tree out and
+move it between memories (the update, :mod:`jepa_ema.transform`), and place
+the teacher's weights like the params (:func:`jepa_ema.get_target`).
 """
 
 from __future__ import annotations
@@ -39,23 +42,10 @@ import numpy as np
 
 from jepa_ema import _kernel
 
-__all__ = [
-  "ShardedOver",
-  "sharded_over",
-  "like",
-  "TargetSharding",
-  "MemoryKind",
-  "OFFLOAD_KINDS",
-  "check_memory_kinds",
-  "check_target_sharding",
-  "resolve",
-  "stored",
-  "place",
-  "reshard",
-  "to_device",
-  "to_memory",
-  "tie",
-]
+# The public names. The helpers below them (check_memory_kinds,
+# check_target_sharding, resolve, like, place, reshard, to_device, to_memory,
+# tie, OFFLOAD_KINDS) are the package's: importable, not part of the API.
+__all__ = ["TargetSharding", "MemoryKind", "sharded_over", "ShardedOver"]
 
 PyTree = Any
 
@@ -263,17 +253,6 @@ def _check_fits(sharding: Any, x: Any, path: Any) -> None:
       f", the param on devices {_device_ids(own)}; the target must live on "
       "the params' devices."
     )
-
-
-def stored(
-  shardings: Sequence[Any] | None, actions: Sequence[str] | None
-) -> list[Any] | None:
-  """The shardings of the stored leaves (a policy's excluded ones dropped)."""
-  if shardings is None:
-    return None
-  if actions is None:
-    return list(shardings)
-  return [s for s, a in zip(shardings, actions) if a != "exclude"]
 
 
 def _explicit(sharding: Any) -> bool:

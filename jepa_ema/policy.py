@@ -24,9 +24,9 @@ the state is initialised and when an update is traced, so under ``jit`` it
 costs nothing per step; a callable is called with the params (tracers under
 ``jit``) and must depend on their structure and leaf types only.
 
-The helpers below the public names are the package's (``resolve``,
-``stored``, ``only``, ``fill``); :mod:`jepa_ema.update` and
-:mod:`jepa_ema.transform` call them.
+:func:`fill` completes a stored target with the online leaves. :func:`resolve`
+(one action per leaf) is the package's: the per-leaf plan
+(:mod:`jepa_ema._plan`) composes it with the other per-leaf decisions.
 """
 
 from __future__ import annotations
@@ -39,17 +39,9 @@ import jax
 
 from jepa_ema import _kernel
 
-__all__ = [
-  "ACTIONS",
-  "Policy",
-  "policy_by_path",
-  "resolve",
-  "stored",
-  "only",
-  "fill",
-  "kept",
-  "check_stored",
-]
+# The public names (fill is documented in docs/api.md). ``resolve`` is the
+# package's: importable, not part of the API.
+__all__ = ["ACTIONS", "Policy", "policy_by_path", "fill"]
 
 PyTree = Any
 
@@ -138,18 +130,19 @@ def policy_by_path(
   return policy
 
 
-def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
+def resolve(policy: Policy, params: PyTree) -> tuple[str, ...]:
   """One action per leaf of ``params`` (``jax.tree.leaves`` order).
 
-  ``None`` for ``policy=None`` (the default rule: every leaf averaged).
+  ``policy=None`` is the default rule, ``"average"`` for every leaf (the EMA
+  rule: floating leaves blended, the others copied).
 
   Raises:
     ValueError: for an unknown action, naming its key path, or a prefix that
       does not fit the params, naming the first key path that does not.
   """
-  if policy is None:
-    return None
   n = len(jax.tree.leaves(params))
+  if policy is None:
+    return ("average",) * n
   if isinstance(policy, str):
     return (_check_action(policy, "<every leaf>"),) * n
   leaves = jax.tree.leaves(policy)
@@ -176,26 +169,6 @@ def resolve(policy: Policy, params: PyTree) -> tuple[str, ...] | None:
   return tuple(actions)
 
 
-def only(
-  tree: PyTree, actions: Sequence[str] | None, keep: Sequence[str]
-) -> PyTree:
-  """``tree`` with ``None`` at every leaf whose action is not in ``keep``;
-  ``tree`` itself when ``actions`` is None. ``actions`` holds one action per
-  leaf of ``tree``: :func:`resolve`'s for a tree of the params' structure,
-  :func:`kept`'s for a stored one (``None`` at the excluded leaves)."""
-  if actions is None:
-    return tree
-  leaves, treedef = jax.tree.flatten(tree)
-  return jax.tree.unflatten(
-    treedef, [x if a in keep else None for x, a in zip(leaves, actions)]
-  )
-
-
-def stored(tree: PyTree, actions: Sequence[str] | None) -> PyTree:
-  """What the target stores of ``tree``: ``None`` at the excluded leaves."""
-  return only(tree, actions, ("average", "copy", "keep"))
-
-
 def fill(target: PyTree, online: PyTree) -> PyTree:
   """``target`` with its ``None`` places (excluded leaves) taken from
   ``online``: a complete tree for the teacher's forward pass.
@@ -215,26 +188,4 @@ def fill(target: PyTree, online: PyTree) -> PyTree:
     raise ValueError(
       "`online` must be the params tree the target was built from (the "
       f"target's structure, with subtrees where it holds None): {e}"
-    ) from None
-
-
-def kept(actions: Sequence[str] | None) -> list[str] | None:
-  """The actions of the stored leaves (the excluded ones dropped)."""
-  return None if actions is None else [a for a in actions if a != "exclude"]
-
-
-def check_stored(
-  target: PyTree, online: PyTree, actions: Sequence[str] | None
-) -> None:
-  """:func:`jepa_ema._kernel.check_trees` of a target against the stored
-  view of ``online``, with a hint when a policy excludes leaves."""
-  try:
-    _kernel.check_trees(target, online)
-  except ValueError as e:
-    if actions is None or "exclude" not in actions:
-      raise
-    raise ValueError(
-      f"{e}\n  With a policy that excludes leaves the target holds None in "
-      "their place (build it with ema(..., policy=...).init(params), or "
-      "jax.tree.map over the params with None for the excluded leaves)."
     ) from None

@@ -36,10 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jepa_ema import _kernel
+from jepa_ema import _checks, _kernel
 from jepa_ema import schedules as _schedules
 from jepa_ema import transform as _transform
-from jepa_ema.transform import EmaState
+from jepa_ema.state import EmaState
 
 __all__ = [
   "posthoc_coefficients",
@@ -632,16 +632,8 @@ def _check_config(
     raise ValueError("`sigma_rels` is empty.")
   for s in sigmas:
     _schedules.sigma_rel_to_gamma(s)  # validates the range
-  if (
-    isinstance(every, bool)
-    or not isinstance(every, (int, np.integer))
-    or every < 1
-  ):
-    raise ValueError(f"`every` must be a positive int, got {every!r}.")
-  dt = None if dtype is None else jnp.dtype(dtype)
-  if dt is not None and not jnp.issubdtype(dt, jnp.floating):
-    raise ValueError(f"`dtype` must be a floating dtype, got {dtype!r}.")
-  return sigmas, int(every), dt
+  every = _checks.check_int("every", every, 1)
+  return sigmas, every, _checks.check_dtype(dtype)
 
 
 def _read_config(path: pathlib.Path) -> tuple[tuple[float, ...], int, Any]:

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jepa_ema import _checks
+
 __all__ = [
   "Schedule",
   "MomentumLike",
@@ -132,20 +134,8 @@ def _check_momentum(name: str, value: Any) -> float:
 
 
 def _check_int(name: str, value: Any, lo: int = 0) -> int:
-  if isinstance(value, bool) or not isinstance(
-    value, (numbers.Integral, np.integer)
-  ):
-    if isinstance(value, float) and value.is_integer():
-      value = int(value)
-    else:
-      raise TypeError(
-        f"`{name}` must be an integer, got {value!r} "
-        f"(type {type(value).__name__})."
-      )
-  v = int(value)
-  if v < lo:
-    raise ValueError(f"`{name}` must be >= {lo}, got {v}.")
-  return v
+  # Integral floats (a step count of 1e4) are taken as ints here.
+  return _checks.check_int(name, value, lo, integral_floats=True)
 
 
 def _step_f32(step: jax.typing.ArrayLike) -> jax.Array:
@@ -892,12 +882,7 @@ def power_momentum(
 # -------------------------------------------------- ports of PyTorch EMAs
 
 
-def _check_bool(name: str, value: Any) -> bool:
-  if not isinstance(value, (bool, np.bool_)):
-    raise TypeError(
-      f"`{name}` must be a bool, got {value!r} (type {type(value).__name__})."
-    )
-  return bool(value)
+_check_bool = _checks.check_bool
 
 
 def _multiple_of(step: jax.typing.ArrayLike, k: int) -> jax.Array:

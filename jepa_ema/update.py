@@ -33,10 +33,10 @@ from typing import Any
 
 import jax
 
-from jepa_ema import _kernel, _rounding
-from jepa_ema import policy as _policy
+from jepa_ema import _kernel, _options, _plan, _rounding
 from jepa_ema import schedules as _schedules
 from jepa_ema._kernel import ShardingMismatchWarning
+from jepa_ema.policy import Policy
 
 __all__ = [
   "ema_update",
@@ -57,7 +57,7 @@ def ema_update(
   step: jax.typing.ArrayLike,
   momentum: _schedules.MomentumLike | jax.typing.ArrayLike,
   *,
-  policy: _policy.Policy = None,
+  policy: Policy = None,
 ) -> PyTree:
   """One EMA step of a parameter pytree: ``m * target + (1 - m) * online``.
 
@@ -132,15 +132,14 @@ def ema_update(
     [0.25 0.25]
   """
   m, finite = _kernel.resolve_momentum(momentum, step)
-  actions = _policy.resolve(policy, online)
-  online = _policy.stored(online, actions)
-  _policy.check_stored(target, online, actions)
+  # The plan of this target (checked against the online params).
+  plan = _plan.make_plan(_plan.LeafOptions(policy=policy), online, target)
+  online = plan.strip(online)
   _kernel.check_shardings(target, online)
-  kept = _policy.kept(actions)
-  new = _kernel.blend_tree(target, online, m, actions=kept)
+  new = _kernel.blend_tree(target, online, m, None, plan.actions)
   if isinstance(finite, jax.core.Tracer):  # a NaN/Inf momentum: no change
     new = _kernel.hold_unblended(
-      new, target, jax.numpy.logical_not(finite), kept
+      new, target, jax.numpy.logical_not(finite), plan.flags(_plan.COPIED)
     )
   return new
 
@@ -149,7 +148,7 @@ def make_ema_update(
   momentum: _schedules.MomentumLike,
   *,
   donate: bool = True,
-  policy: _policy.Policy = None,
+  policy: Policy = None,
 ) -> EmaUpdateFn:
   """Binds a schedule once; returns the jitted ``(target, online, step)`` update.
 
@@ -201,8 +200,7 @@ def make_ema_update(
     [0.4375 0.4375 0.4375]
   """
   schedule = _schedules.as_schedule(momentum)
-  if isinstance(policy, str):
-    _policy.resolve(policy, ())  # validates the action
+  _options.check_policy(policy)
   jitted = jax.jit(
     functools.partial(_bound_update, schedule, policy),
     donate_argnums=(0,) if donate else (),
@@ -220,8 +218,8 @@ def make_ema_update(
     # leaf) sharding check runs on the first call and on the call after each
     # new compilation, never per step.
     if check_next[0]:
-      stored = _policy.stored(online, _policy.resolve(policy, online))
-      _kernel.check_shardings(target, stored)
+      plan = _plan.make_plan(_plan.LeafOptions(policy=policy), online)
+      _kernel.check_shardings(target, plan.strip(online))
     # Beyond int32, jit would raise OverflowError (int) or wrap (np.int64).
     step = _kernel.fit_step(step)
     before = cache_size()
@@ -241,7 +239,7 @@ def make_ema_update(
 
 def _bound_update(
   schedule: _schedules.Schedule,
-  policy: _policy.Policy,
+  policy: Policy,
   target: PyTree,
   online: PyTree,
   step: jax.typing.ArrayLike,
