@@ -131,6 +131,25 @@ def test_drift_report_example():
   assert np.isnan(s.drift["global"])  # 0.4.0 said 0.0
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_drift_is_nan_when_the_target_holds_nan_and_the_params_are_zero(mode):
+  """NaN in the target alone reads as NaN too, also where ``||params|| = 0``
+  (there 0/0 reads 0: NaN must not take that branch)."""
+  e = jepa_ema.ema(0.5, drift=True)
+  state = e.init({"w": jnp.array([jnp.nan, 1.0])})
+  s = _run(e.update, mode)({"w": jnp.zeros(2)}, state)
+  assert np.isnan(s.drift["global"]) and np.isnan(s.drift["per_module"]["w"])
+
+
+def test_drift_of_complex_leaves_counts_both_parts():
+  """A complex leaf: ``|target - params|**2`` over real and imaginary
+  parts (1 + 1j, then 3 + 3j at momentum 0.5: |(2+2j) - (3+3j)| / |3+3j|)."""
+  e = jepa_ema.ema(0.5, drift=True)
+  state = e.init({"w": jnp.array([1 + 1j], jnp.complex64)})
+  s = e.update({"w": jnp.array([3 + 3j], jnp.complex64)}, state)
+  np.testing.assert_allclose(s.drift["global"], 1 / 3, rtol=1e-6)
+
+
 # ----------------------- 3. track_ema averages the params the step will hold
 
 HALF = (jnp.bfloat16, jnp.float16)

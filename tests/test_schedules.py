@@ -530,6 +530,14 @@ def test_sigma_rel_out_of_range(bad):
     jepa_ema.power_momentum(sigma_rel=bad)
 
 
+@pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
+def test_gamma_out_of_range(bad):
+  # "Raises ValueError if gamma is not positive and finite": 0 is refused
+  # too (the bound is open; a closed one let gamma=0 through).
+  with pytest.raises(ValueError, match="gamma"):
+    jepa_ema.gamma_to_sigma_rel(bad)
+
+
 def test_power_momentum_closed_form_and_args(maybe_jit):
   s = jepa_ema.power_momentum(gamma=6.94)
   f = maybe_jit(s)
@@ -650,3 +658,58 @@ def test_presets_compare_by_value_and_compile_once():
   f(jepa_ema.tf_warmup_momentum(0.99), 3)
   f(jepa_ema.tf_warmup_momentum(0.99), 4)
   assert f._cache_size() == 1
+
+
+def test_ema_pytorch_float_steps_match_integer_steps():
+  """Its docstring: "a step is exact up to 2**24 calls for a float step". A
+  float step (Python, NumPy or JAX) takes the float32 test of
+  ``update_every`` and gives the integer step's momentum."""
+  s = jepa_ema.ema_pytorch_momentum(update_after_step=0, update_every=10)
+  ints = [float(s(c)) for c in range(31)]
+  assert [float(s(float(c))) for c in range(31)] == ints
+  assert [float(s(np.float32(c))) for c in range(31)] == ints
+  np.testing.assert_array_equal(
+    s(jnp.arange(31, dtype=jnp.float32)), np.float32(ints)
+  )
+
+
+@pytest.mark.parametrize(
+  "kwargs,exc",
+  [
+    (dict(power=0.0), ValueError),
+    (dict(power=-1.0), ValueError),
+    (dict(power="1"), TypeError),
+  ],
+)
+def test_diffusers_momentum_checks_power(kwargs, exc):
+  # Its docstring: ValueError for "a non-positive inv_gamma / power" (the
+  # port's tests check inv_gamma only).
+  with pytest.raises(exc, match="`power`"):
+    jepa_ema.diffusers_momentum(use_ema_warmup=True, **kwargs)
+
+
+def test_checked_momentum_is_frozen_and_hashed_by_value():
+  # The module's promise for every schedule it returns: a frozen dataclass
+  # that compares and hashes by value (one compilation for equal ones).
+  a = jepa_ema.checked_momentum(
+    jepa_ema.cosine_momentum(0.9, 1.0, total_steps=9)
+  )
+  b = jepa_ema.checked_momentum(
+    jepa_ema.cosine_momentum(0.9, 1.0, total_steps=9)
+  )
+  assert a == b and hash(a) == hash(b)
+  with pytest.raises(AttributeError):  # dataclasses.FrozenInstanceError
+    a.momentum = jepa_ema.constant_momentum(0.5)
+
+
+@pytest.mark.parametrize("m", [-0.25, 1.25, float("inf"), float("nan")])
+def test_checked_momentum_reports_each_side_of_the_range(m):
+  # "Reports a traced momentum outside [0, 1] (or NaN / Inf)": below 0 as
+  # well as above 1 (tests/test_inputs.py checks 1.25 and NaN).
+  from jax.experimental import checkify
+
+  f = checkify.checkify(jax.jit(jepa_ema.checked_momentum(lambda s: s)))
+  err, _ = f(jnp.float32(m))
+  assert "outside [0, 1]" in err.get()
+  err, _ = f(jnp.float32(0.5))
+  assert err.get() is None

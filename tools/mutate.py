@@ -721,8 +721,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     "--no-first-pass", action="store_true", help="full selection only"
   )
   p.add_argument("--hypothesis-profile", help="passed on to pytest")
+  p.add_argument(
+    "--timeout",
+    type=float,
+    help="per-mutant timeout in seconds instead of 3x a clean run (the "
+    "clean runs are then skipped: for re-checking known survivors)",
+  )
   p.add_argument("--list", action="store_true", help="list mutants, run none")
   p.add_argument("--workdir", type=pathlib.Path)
+  p.add_argument(
+    "--reuse-snapshot",
+    action="store_true",
+    help="keep --workdir's snapshot of the package (its mutant ids), "
+    "refresh the rest, e.g. to re-run survivors against new tests",
+  )
   args = p.parse_args(argv)
 
   missing = [m for m in package_modules(ROOT) if m not in SELECTION]
@@ -735,8 +747,22 @@ def main(argv: Sequence[str] | None = None) -> int:
   work.mkdir(parents=True, exist_ok=True)
   names = repo_files(ROOT)
   snapshot = work / "snapshot"
-  copy_tree(ROOT, snapshot, names)
-  print(f"snapshot of {len(names)} files in {snapshot}")
+  if args.reuse_snapshot and (snapshot / PACKAGE).is_dir():
+    # Keep the package as it was snapshotted (the mutant ids stay valid);
+    # refresh everything else (new tests) from the checkout.
+    outside = [n for n in names if not n.startswith(f"{PACKAGE}/")]
+    for name in outside:
+      (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+      shutil.copy2(ROOT / name, snapshot / name)
+    names = [
+      p.relative_to(snapshot).as_posix()
+      for p in snapshot.rglob("*")
+      if p.is_file() and "__pycache__" not in p.parts
+    ]
+    print(f"reused {snapshot}; {len(outside)} files outside {PACKAGE}/ fresh")
+  else:
+    copy_tree(ROOT, snapshot, names)
+    print(f"snapshot of {len(names)} files in {snapshot}")
 
   results = load_json(args.json)
   todo: list[tuple[Mutant, int]] = []
@@ -786,6 +812,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if mod in FIRST_PASS and not args.no_first_pass:
       stages["first"] = FIRST_PASS
     for stage, table in stages.items():
+      if args.timeout is not None:  # no clean run: e.g. to confirm a kill
+        timeouts[mod, stage] = args.timeout
+        continue
       run = run_pytest(snapshot, selection_args(mod, table), None, extra)
       if run.status != "passed":
         raise SystemExit(
