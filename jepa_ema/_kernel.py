@@ -336,7 +336,7 @@ def sanitize_momentum(
   ``finite`` is False; finite values outside ``[0, 1]`` are clipped to it (no
   extrapolation beyond the target or the online values). Nothing is reported
   here: a report is an effect in the program, and a program with an effect
-  leaves JAX's fast dispatch path (about 30 us more per argument of every
+  leaves JAX's fast dispatch path (about 17 us more per argument of every
   call, model-sized at 150 leaves); ask for one with
   :func:`jepa_ema.checked_momentum`. ``step`` is unused (kept for the
   callers' symmetry). Works elementwise (for the momenta of an ``every=k``

@@ -317,7 +317,7 @@ def test_byol_policy_teacher_recomputes_its_own_bn_statistics():
   assert not np.allclose(teacher.bn.mean[...], student.bn.mean[...], atol=1e-3)
 
 
-def test_dino_copy_policy_teacher_takes_the_students_bn_statistics():
+def test_copy_policy_teacher_takes_the_students_bn_statistics():
   student = Net(nnx.Rngs(0), dropout=False)
   ema = jepa_ema.nnx.EMA(student, 0.9, policy={nnx.BatchStat: "copy"})
   perturb(student, 0)
