@@ -14,7 +14,22 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["check_int", "check_bool", "check_dtype"]
+__all__ = ["ACTIONS", "check_action", "check_int", "check_bool", "check_dtype"]
+
+ACTIONS = ("average", "copy", "keep", "exclude")
+"""The per-leaf actions of a policy, in the order the docs list them
+(re-exported as :data:`jepa_ema.policy.ACTIONS`)."""
+
+
+def check_action(action: Any, where: str) -> str:
+  """``action`` if it is one of :data:`ACTIONS`, else a ValueError naming
+  ``where`` (a phrase: "at ['bn']", "for the policy key ...")."""
+  if not isinstance(action, str) or action not in ACTIONS:
+    raise ValueError(
+      f"unknown policy action {action!r} {where}; the actions are "
+      f"{', '.join(repr(a) for a in ACTIONS)}."
+    )
+  return action
 
 
 def check_int(

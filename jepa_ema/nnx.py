@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import jepa_ema
-from jepa_ema.policy import ACTIONS
+from jepa_ema import _checks
 from jepa_ema.schedules import MomentumLike
 
 __all__ = ["EMA", "NnxPolicy"]
@@ -50,15 +50,6 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def _check_action(action: Any, where: str) -> str:
-  if not isinstance(action, str) or action not in ACTIONS:
-    raise ValueError(
-      f"unknown policy action {action!r} {where}; the actions are "
-      f"{', '.join(repr(a) for a in ACTIONS)}."
-    )
-  return action
-
-
 def _where(path: tuple, var: Any) -> str:
   at = "/".join(str(k) for k in path) or "<root>"
   return f"for the {type(var).__name__} at '{at}'"
@@ -69,13 +60,13 @@ def _action_rule(policy: NnxPolicy) -> Callable[[tuple, Any], str]:
   if policy is None:
     return lambda path, var: "average"
   if isinstance(policy, str):
-    _check_action(policy, "for every Variable")
+    _checks.check_action(policy, "for every Variable")
     return lambda path, var: policy
   if isinstance(policy, Mapping):
     by_type: dict[type, str] = {}
     filters: list[tuple[Callable[..., bool], str]] = []
     for key, action in policy.items():
-      _check_action(action, f"for the policy key {key!r}")
+      _checks.check_action(action, f"for the policy key {key!r}")
       if isinstance(key, type):
         by_type[key] = action
       else:
@@ -234,7 +225,7 @@ class EMA(nnx.Pytree):
       return (
         _is_variable(x)
         and tracked(path, x)
-        and _check_action(rule(path, x), _where(path, x)) != "exclude"
+        and _checks.check_action(rule(path, x), _where(path, x)) != "exclude"
       )
 
     state = nnx.state(model, stored, graph=graph)

@@ -37,7 +37,7 @@ from typing import Any, Union
 
 import jax
 
-from jepa_ema import _kernel
+from jepa_ema import _checks, _kernel
 
 # The public names (fill is documented in docs/api.md). ``resolve`` is the
 # package's: importable, not part of the API.
@@ -45,7 +45,7 @@ __all__ = ["ACTIONS", "Policy", "policy_by_path", "fill"]
 
 PyTree = Any
 
-ACTIONS = ("average", "copy", "keep", "exclude")
+ACTIONS = _checks.ACTIONS
 """The per-leaf actions, in the order the docs list them."""
 
 Policy = Union[None, str, PyTree, Callable[[PyTree], PyTree]]
@@ -53,12 +53,7 @@ Policy = Union[None, str, PyTree, Callable[[PyTree], PyTree]]
 
 
 def _check_action(action: Any, where: str) -> str:
-  if not isinstance(action, str) or action not in ACTIONS:
-    raise ValueError(
-      f"unknown policy action {action!r} at {where}; the actions are "
-      f"{', '.join(repr(a) for a in ACTIONS)}."
-    )
-  return action
+  return _checks.check_action(action, f"at {where}")
 
 
 def policy_by_path(

@@ -296,6 +296,11 @@ def test_rule_write_back_counts_target_updates_like_drift(mode):
   fired, drift_at = _write_back_calls(2, 3, mode=mode)
   assert fired == [5, 11]
   assert drift_at == [5, 11]
+  # every=2, N=2: the target's updates 1, 3, 5 (from 0) are calls 3, 7, 11.
+  # (For N=3 above, counting calls instead happens to give the same calls.)
+  fired, drift_at = _write_back_calls(2, 2, mode=mode)
+  assert fired == [3, 7, 11]
+  assert drift_at == [3, 7, 11]
   fired, _ = _write_back_calls(1, 3, mode=mode)
   assert fired == [2, 5, 8, 11]  # every=1: unchanged
 
