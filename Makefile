@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check -q
 
-.PHONY: demo sweep experiments lint test test-min docs bench device-check clean
+.PHONY: demo sweep experiments lint test test-min docs bench mutate device-check clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ $(MIN_VENV)/.test: pyproject.toml .ci/min-constraints.txt
 
 $(VENV)/.docs: $(VENV)/.created pyproject.toml
 	$(PIP) install -e ".[docs]"
+	touch $@
+
+$(VENV)/.mutate: $(VENV)/.test pyproject.toml
+	$(PIP) install -e ".[mutate]"
 	touch $@
 
 $(VENV)/.examples: $(VENV)/.created pyproject.toml
@@ -71,6 +75,12 @@ bench: $(VENV)/.bench  ## run the speed/memory benchmarks (~20 min)
 	$(PY) benchmarks/options_bench.py --json benchmarks/options_results.json \
 	  --markdown benchmarks/options_results.md --plot docs/options_every.png
 	$(PY) benchmarks/posthoc_bench.py --json benchmarks/posthoc_results.json
+
+mutate: $(VENV)/.mutate  ## mutation score of the whole package (~2-4 h on 2 cores) -> tools/mutation_results/package.{json,md}
+	$(PY) tools/mutate.py --workdir /tmp/jepa_mutate --build-map \
+	  --map /tmp/jepa_mutate/coverage_map.json --shuffle --workers 2 \
+	  --json tools/mutation_results/package.json \
+	  --markdown tools/mutation_results/package.md
 
 device-check: $(VENV)/.bench  ## the accelerator check (one command, ~5 min): results/device_check.{json,md}
 	$(PY) benchmarks/device_check.py --out results --budget-s 300

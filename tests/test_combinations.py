@@ -436,3 +436,28 @@ def test_get_target_online_under_a_policy_and_target_shardings(
   r = eight[axes][name]
   assert r["get_target_values"] is True
   assert r["get_target_layout"] is True
+
+
+# --------------------------- survivors of the package-wide mutation run
+# (tools/mutate.py; docs/testing.md lists each survivor and its verdict)
+
+
+@pytest.mark.parametrize("policy", [None, {"w": "average", "tag": "copy"}])
+def test_non_array_leaves_are_taken_from_online_as_they_are(policy):
+  # guarantees.md: a string or a function in the tree is taken from online,
+  # unchecked, by init, update and ema_update, with or without a policy.
+  # Kills giving non-array leaves a stored dtype in the plan (a string has
+  # none: init raised).
+  params = {"w": jnp.ones(3), "tag": "enc", "act": jax.nn.relu}
+  if policy is not None:
+    policy = {**policy, "act": "copy"}
+  tx = jepa_ema.ema(0.5, policy=policy)
+  state = tx.init(params)
+  assert state.target["tag"] == "enc" and state.target["act"] is jax.nn.relu
+  new = {"w": jnp.zeros(3), "tag": "dec", "act": jax.nn.gelu}
+  state = tx.update(new, state)
+  assert state.target["tag"] == "dec" and state.target["act"] is jax.nn.gelu
+  np.testing.assert_array_equal(state.target["w"], np.full(3, 0.5, np.float32))
+  out = jepa_ema.ema_update(state.target, params, 0, 0.5, policy=policy)
+  assert out["tag"] == "enc" and out["act"] is jax.nn.relu
+  np.testing.assert_array_equal(out["w"], np.full(3, 0.75, np.float32))

@@ -67,6 +67,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 PACKAGE = "jepa_ema"
 PRAGMA = "# pragma: no mutate"
 RESULTS = ROOT / "tools" / "mutation_results"
+SUBPROCESS = "sub:"  # as in tools/mutate_contexts.py
 
 # Module (path relative to the repository root) -> the test files that
 # exercise it. Edit this table when modules move; a module of the package
@@ -122,6 +123,54 @@ SELECTION: dict[str, list[str]] = {
   ],
   "jepa_ema/_rounding.py": ["tests/test_options.py", "tests/test_inputs.py"],
   "jepa_ema/nnx.py": ["tests/test_nnx.py"],
+  "jepa_ema/_checks.py": [
+    "tests/test_inputs.py",
+    "tests/test_policy.py",
+    "tests/test_nnx.py",
+    "tests/test_posthoc.py",
+  ],
+  "jepa_ema/_options.py": [
+    "tests/test_inputs.py",
+    "tests/test_options.py",
+    "tests/test_transform.py",
+    "tests/test_options_meet.py",
+  ],
+  "jepa_ema/_plan.py": [
+    "tests/test_policy.py",
+    "tests/test_combinations.py",
+    "tests/test_layout.py",
+    "tests/test_options.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/_skip.py": [
+    "tests/test_options.py",
+    "tests/test_options_meet.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/_write_back.py": [
+    "tests/test_options.py",
+    "tests/test_options_meet.py",
+    "tests/test_combinations.py",
+    "tests/test_reference_model.py",
+  ],
+  "jepa_ema/state.py": [
+    "tests/test_transform.py",
+    "tests/test_layout.py",
+    "tests/test_policy.py",
+    "tests/test_combinations.py",
+    "tests/test_reference_model.py",
+  ],
+}
+
+# The coverage map (``--build-map``) runs every test file but these: they
+# build wheels, run the examples or benchmarks end to end, or start several
+# processes, and none of them is in a SELECTION entry.
+MAP_EXCLUDE = {
+  "tests/test_benchmark.py",
+  "tests/test_examples.py",
+  "tests/test_floors.py",
+  "tests/test_multiprocess.py",
+  "tests/test_wheel.py",
 }
 
 # Optional quick first pass (extra pytest arguments allowed, e.g. ``-k``): a
@@ -469,14 +518,28 @@ def copy_tree(
     shutil.copy2(src / name, target)
 
 
-def test_env(copy_root: pathlib.Path) -> dict[str, str]:
+def test_env(
+  copy_root: pathlib.Path, cache: pathlib.Path | None = None
+) -> dict[str, str]:
   """The environment of a test run in ``copy_root``: its package first on
   the path, no bytecode written (a restored file must never meet the
-  mutant's cached bytecode), JAX on the CPU."""
+  mutant's cached bytecode), JAX on the CPU.
+
+  With ``cache``, JAX's persistent compilation cache lives there (every
+  program, however quick to compile): the programs a mutant does not touch
+  are loaded instead of compiled again. A cache entry is keyed by the
+  program itself, so a mutated program never meets an unmutated one's
+  executable; that no test depends on a cold cache is checked after a run
+  (:func:`check_killers`).
+  """
   env = dict(os.environ)
-  env["PYTHONPATH"] = str(copy_root)
+  env["PYTHONPATH"] = os.pathsep.join([str(copy_root), str(ROOT / "tools")])
   env["PYTHONDONTWRITEBYTECODE"] = "1"
   env.setdefault("JAX_PLATFORMS", "cpu")
+  if cache is not None:
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
   return env
 
 
@@ -530,6 +593,7 @@ def run_pytest(
   args: Sequence[str],
   timeout: float | None,
   extra: Sequence[str] = (),
+  cache: pathlib.Path | None = None,
 ) -> Run:
   """Runs ``pytest PYTEST_FLAGS *extra *args`` in ``copy_root``.
 
@@ -540,7 +604,7 @@ def run_pytest(
   proc = subprocess.Popen(
     cmd,
     cwd=copy_root,
-    env=test_env(copy_root),
+    env=test_env(copy_root, cache),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -552,18 +616,297 @@ def run_pytest(
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
     return Run("timeout", time.monotonic() - t0, f"past {timeout:.0f} s")
-  seconds = time.monotonic() - t0
-  if proc.returncode == 0:
+  return _as_run(proc.returncode, time.monotonic() - t0, output)
+
+
+def _as_run(returncode: int, seconds: float, output: str) -> Run:
+  """A finished pytest run from its exit code and output."""
+  if returncode == 0:
     return Run("passed", seconds, "")
   failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", output, re.M)
-  detail = failed[0] if failed else output.strip().splitlines()[-1:][0]
-  status = "failed" if proc.returncode == 1 else "error"
+  lines = output.strip().splitlines()
+  detail = failed[0] if failed else (lines[-1] if lines else "")
+  status = "failed" if returncode == 1 else "error"
   return Run(status, seconds, detail[:300])
+
+
+class WarmRunner:
+  """pytest runs forked from a warm Python (``tools/mutate_server.py``)
+  that has the heavy libraries imported already: the same runs as
+  :func:`run_pytest`, without paying the imports each time."""
+
+  def __init__(self, copy_root: pathlib.Path, cache: pathlib.Path | None):
+    self.proc = subprocess.Popen(
+      [sys.executable, str(ROOT / "tools" / "mutate_server.py")],
+      cwd=copy_root,
+      env=test_env(copy_root, cache),
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      start_new_session=True,
+    )
+    assert self.proc.stdout is not None
+    ready = self.proc.stdout.readline()
+    if not ready.strip():
+      raise SystemExit("tools/mutate_server.py did not start")
+
+  def run(
+    self, args: Sequence[str], timeout: float | None, extra: Sequence[str]
+  ) -> Run:
+    assert self.proc.stdin is not None and self.proc.stdout is not None
+    request = {
+      "args": [*PYTEST_FLAGS, *extra, *args],
+      "timeout": 1e9 if timeout is None else timeout,
+    }
+    self.proc.stdin.write(json.dumps(request) + "\n")
+    self.proc.stdin.flush()
+    reply = json.loads(self.proc.stdout.readline())
+    if reply["rc"] == "timeout":
+      return Run("timeout", reply["seconds"], f"past {timeout:.0f} s")
+    return _as_run(reply["rc"], reply["seconds"], reply["output"])
+
+  def close(self) -> None:
+    self.proc.kill()
+    self.proc.wait()
 
 
 def selection_args(module: str, stage: dict[str, list[str]]) -> list[str]:
   """pytest arguments for ``module``: its tests then its own doctests."""
   return [*stage[module], module]
+
+
+# ---------------------------------------------------------------------------
+# The coverage map: which tests run which line.
+
+
+def build_map(
+  copy_root: pathlib.Path,
+  out: pathlib.Path,
+  cache: pathlib.Path | None,
+  work: pathlib.Path,
+  shards: int = 2,
+) -> dict[str, Any]:
+  """Runs the tests under ``coverage`` with one context per test and
+  writes ``{"lines": {module: {line: [node ids]}}, "spawners": [...],
+  "durations": {...}}`` to ``out``.
+
+  The test files (all but :data:`MAP_EXCLUDE`, plus the package's
+  doctests) are split into ``shards`` processes run side by side, with
+  their logs and coverage data in ``work``. Lines
+  run at import (outside any test) carry the empty context ``""``.
+  ``spawners`` are the tests that start a subprocess: the lines they reach
+  there are not in the map.
+  """
+  if work.exists():
+    shutil.rmtree(work)
+  work.mkdir(parents=True)
+  files = sorted(
+    p.relative_to(copy_root).as_posix()
+    for p in (copy_root / "tests").glob("test_*.py")
+  )
+  files = [f for f in files if f not in MAP_EXCLUDE]
+  # Balance the shards by file size (a rough proxy for run time).
+  groups: list[list[str]] = [[] for _ in range(shards)]
+  load = [0] * shards
+  for f in sorted(files, key=lambda f: -(copy_root / f).stat().st_size):
+    i = load.index(min(load))
+    groups[i].append(f)
+    load[i] += (copy_root / f).stat().st_size
+  groups[load.index(min(load))].append(PACKAGE)  # the doctests
+  rc = work / "coveragerc"
+  rc.write_text(
+    "[run]\nparallel = True\npatch = subprocess\n"
+    f"source = {copy_root / PACKAGE}\ndata_file = {work / '.coverage'}\n"
+  )
+  procs = []
+  for i, group in enumerate(groups):
+    env = test_env(copy_root, cache)
+    env["MUTATE_CONTEXTS_OUT"] = str(work / f"contexts{i}.json")
+    cmd = [
+      sys.executable,
+      "-m",
+      "coverage",
+      "run",
+      f"--rcfile={rc}",
+      "-m",
+      "pytest",
+      "-q",
+      "-p",
+      "no:randomly",
+      "-p",
+      "no:cacheprovider",
+      "-p",
+      "mutate_contexts",
+      *group,
+    ]
+    log = open(work / f"shard{i}.log", "w")
+    procs.append(
+      (
+        subprocess.Popen(
+          cmd, cwd=copy_root, env=env, stdout=log, stderr=subprocess.STDOUT
+        ),
+        log,
+      )
+    )
+  for proc, log in procs:
+    proc.wait()
+    log.close()
+  import coverage  # only this stage needs it (the `mutate` extra)
+
+  cov = coverage.Coverage(data_file=str(work / ".coverage"))
+  cov.combine([str(work)])
+  data = cov.get_data()
+  lines: dict[str, dict[str, list[str]]] = {}
+  for measured in data.measured_files():
+    path = pathlib.Path(measured).resolve()
+    try:
+      module = path.relative_to(copy_root.resolve()).as_posix()
+    except ValueError:
+      continue
+    by_line = data.contexts_by_lineno(measured)
+    lines[module] = {str(k): sorted(v) for k, v in sorted(by_line.items())}
+  spawners: set[str] = set()
+  users: set[str] = set()
+  durations: dict[str, float] = {}
+  failed: list[str] = []
+  for i in range(shards):
+    ctx_file = work / f"contexts{i}.json"
+    if not ctx_file.exists():
+      raise SystemExit(f"shard {i} wrote no contexts: see {work}/shard{i}.log")
+    ctx = json.loads(ctx_file.read_text())
+    spawners.update(ctx["spawners"])
+    users.update(ctx["users"])
+    durations.update(ctx["durations"])
+    failed += ctx["failed"]
+  if failed:
+    raise SystemExit(f"the clean tests fail under coverage: {failed[:5]}")
+  result = {
+    "lines": lines,
+    "spawners": sorted(spawners),
+    "users": sorted(users),
+    "durations": durations,
+    "files": files,
+  }
+  save_json(out, result)
+  return result
+
+
+def statement_lines(source: str) -> dict[int, int]:
+  """Line -> first line of the innermost statement holding it (a compound
+  statement holds only its header lines): where coverage records it."""
+  out: dict[int, int] = {}
+  for node in ast.walk(ast.parse(source)):  # outer statements first
+    if not isinstance(node, ast.stmt) or node.end_lineno is None:
+      continue
+    end = node.end_lineno
+    body = getattr(node, "body", None)
+    if isinstance(body, list) and body and isinstance(body[0], ast.stmt):
+      end = body[0].lineno - 1
+      decorators = getattr(node, "decorator_list", [])
+      start = min([node.lineno] + [d.lineno for d in decorators])
+    else:
+      start = node.lineno
+    for line in range(start, max(start, end) + 1):
+      out[line] = node.lineno
+  return out
+
+
+def enclosing_ranges(source: str) -> dict[int, tuple[int, int]]:
+  """Line -> the line span of the innermost function or class holding it
+  (the whole module for a line in none)."""
+  tree = ast.parse(source)
+  n = len(source.splitlines())
+  out = {line: (1, n) for line in range(1, n + 1)}
+  for node in ast.walk(tree):  # outer definitions first
+    if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+      assert node.end_lineno is not None
+      span = (node.lineno, node.end_lineno)
+      for line in range(node.lineno, node.end_lineno + 1):
+        out[line] = span
+  return out
+
+
+def covering_tests(
+  mutant: Mutant,
+  cmap: dict[str, Any],
+  stmts: dict[int, int],
+  spans: dict[int, tuple[int, int]],
+) -> tuple[str, list[str]]:
+  """The first stage for ``mutant`` from the coverage map.
+
+  Returns:
+    ``("cover", ids)``: the tests that run the mutated lines, fastest
+    first; ``("import", ids)``: the lines run only at import (a default
+    argument, a class attribute, a module constant), so the tests that run
+    any line of the enclosing function or class (or module) decide;
+    ``("spawned", ids)``: no test runs
+    them in process, but these tests of the selection start a subprocess
+    that may; ``("uncovered", [])``: no test reaches them.
+  """
+  by_line = cmap["lines"].get(mutant.path, {})
+  contexts: set[str] = set()
+  for line in range(mutant.line, mutant.end_line + 1):
+    for key in {line, stmts.get(line, line)}:
+      contexts.update(by_line.get(str(key), []))
+  if "" in contexts:  # run at import here: who uses the definition?
+    start, end = spans.get(mutant.line, (mutant.line, mutant.end_line))
+    for line in range(start, end + 1):
+      contexts.update(by_line.get(str(line), []))
+  tests = {c.removeprefix(SUBPROCESS) for c in contexts if c}
+  spawning_files = {t.split("::")[0] for t in tests if t in cmap["spawners"]}
+  # A subprocess's result is shared by the tests of its file that use it.
+  tests |= {u for u in cmap["users"] if u.split("::")[0] in spawning_files}
+  ordered = sorted(tests, key=lambda c: (cmap["durations"].get(c, 0.0), c))
+  if "" in contexts:
+    return "import", ordered
+  if ordered:
+    return "cover", ordered
+  files = set(SELECTION.get(mutant.path, []))
+  spawned = [t for t in cmap["spawners"] if t.split("::")[0] in files]
+  if spawned:
+    return "spawned", spawned
+  return "uncovered", []
+
+
+def _tests_in(cmap: dict[str, Any], path: str) -> list[str]:
+  """The map's tests (node ids) in one file or module's doctests."""
+  return [t for t in cmap["durations"] if t.split("::")[0] == path]
+
+
+def _timeout_of(cmap: dict[str, Any], tests: Sequence[str]) -> float:
+  """3x the tests' time in the map's run (itself slowed by coverage), plus
+  a minute for start-up and compiling."""
+  spent = sum(cmap["durations"].get(t, 1.0) for t in tests)
+  return max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * spent + 60.0)
+
+
+def check_killers(
+  copy_root: pathlib.Path,
+  results: dict[str, Any],
+  cache: pathlib.Path | None,
+) -> dict[str, str]:
+  """Runs every test that caught a mutant on the unmutated copy (with the
+  same compilation cache): a kill by a test that fails unmutated is no
+  kill. Returns ``{node id: "passed" | ...}`` for the tests checked."""
+  killers = sorted(
+    {
+      r["runs"][-1]["detail"]
+      for r in results["mutants"].values()
+      if r["status"] == "caught"
+      and r["runs"][-1]["status"] == "failed"
+      and "::" in r["runs"][-1]["detail"]
+    }
+  )
+  checked: dict[str, str] = {}
+  for i in range(0, len(killers), 200):
+    chunk = killers[i : i + 200]
+    run = run_pytest(copy_root, chunk, None, (), cache)
+    if run.status == "passed":
+      checked.update({k: "passed" for k in chunk})
+    else:  # one at a time to name the culprit
+      for k in chunk:
+        checked[k] = run_pytest(copy_root, [k], None, (), cache).status
+  return checked
 
 
 # ---------------------------------------------------------------------------
@@ -709,6 +1052,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   p.add_argument("--max-mutants", type=int, help="stop after this many runs")
   p.add_argument("--sample", type=int, help="seeded sample per module")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument(
+    "--shuffle",
+    action="store_true",
+    help="run the mutants in a seeded random order (a run stopped early "
+    "is then a uniform sample of the package)",
+  )
   p.add_argument("--workers", type=int, default=1)
   p.add_argument("--json", type=pathlib.Path)
   p.add_argument("--markdown", type=pathlib.Path)
@@ -728,6 +1077,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     "clean runs are then skipped: for re-checking known survivors)",
   )
   p.add_argument("--list", action="store_true", help="list mutants, run none")
+  p.add_argument(
+    "--map",
+    type=pathlib.Path,
+    help="coverage map (see --build-map): each mutant first runs only the "
+    "tests that execute its lines; without it, FIRST_PASS then SELECTION",
+  )
+  p.add_argument(
+    "--build-map",
+    action="store_true",
+    help="(re)build --map from a run of the tests under coverage first",
+  )
+  p.add_argument(
+    "--confirm",
+    action="store_true",
+    help="with --map: run a mutant that survives its covering tests "
+    "against its module's whole SELECTION too",
+  )
+  p.add_argument(
+    "--no-warm",
+    action="store_true",
+    help="start each pytest run from scratch instead of forking it from a "
+    "warm Python (tools/mutate_server.py)",
+  )
+  p.add_argument(
+    "--no-compile-cache",
+    action="store_true",
+    help="compile every program afresh in every run",
+  )
   p.add_argument("--workdir", type=pathlib.Path)
   p.add_argument(
     "--reuse-snapshot",
@@ -743,7 +1120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   modules = resolve_modules(args.modules, ROOT)
   verdicts = load_json(args.verdicts) if args.verdicts.exists() else {}
 
-  work = args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="jepa_mutate_"))
+  work = (
+    args.workdir or pathlib.Path(tempfile.mkdtemp(prefix="jepa_mutate_"))
+  ).resolve()
   work.mkdir(parents=True, exist_ok=True)
   names = repo_files(ROOT)
   snapshot = work / "snapshot"
@@ -763,6 +1142,25 @@ def main(argv: Sequence[str] | None = None) -> int:
   else:
     copy_tree(ROOT, snapshot, names)
     print(f"snapshot of {len(names)} files in {snapshot}")
+
+  cache = None if args.no_compile_cache else work / "jax_cache"
+  cmap: dict[str, Any] | None = None
+  if args.map is not None:
+    if args.build_map or not args.map.exists():
+      print(f"building the coverage map {args.map} (the tests, under coverage)")
+      t0 = time.monotonic()
+      cmap = build_map(snapshot, args.map, cache, work / "map")
+      print(f"coverage map built in {time.monotonic() - t0:.0f} s")
+    else:
+      cmap = load_json(args.map)
+  stmts = {
+    mod: statement_lines((snapshot / mod).read_text())
+    for mod in package_modules(snapshot)
+  }
+  spans = {
+    mod: enclosing_ranges((snapshot / mod).read_text())
+    for mod in package_modules(snapshot)
+  }
 
   results = load_json(args.json)
   todo: list[tuple[Mutant, int]] = []
@@ -791,6 +1189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         todo.append((m, made))
   if args.list:
     return 0
+  if args.shuffle:  # a run stopped early is then a uniform sample
+    random.Random(args.seed).shuffle(todo)
   if args.max_mutants is not None:
     todo = todo[: args.max_mutants]
   save_json(args.json, results)
@@ -806,8 +1206,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   print("imports from", smoke_check(snapshot))
 
   # Clean runs: every selection must pass unmutated; they set the timeouts.
+  # With a map, the map's own run was the clean run (it refuses failing
+  # tests) and its durations set the timeouts.
   timeouts: dict[tuple[str, str], float] = {}
   for mod in sorted({m.path for m, _ in todo}):
+    if cmap is not None:
+      timeouts[mod, "full"] = _timeout_of(
+        cmap,
+        [t for f in SELECTION[mod] for t in _tests_in(cmap, f)]
+        + _tests_in(cmap, mod),
+      )
+      continue
     stages = {"full": SELECTION}
     if mod in FIRST_PASS and not args.no_first_pass:
       stages["first"] = FIRST_PASS
@@ -815,7 +1224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       if args.timeout is not None:  # no clean run: e.g. to confirm a kill
         timeouts[mod, stage] = args.timeout
         continue
-      run = run_pytest(snapshot, selection_args(mod, table), None, extra)
+      run = run_pytest(snapshot, selection_args(mod, table), None, extra, cache)
       if run.status != "passed":
         raise SystemExit(
           f"the clean {stage} selection of {mod} does not pass: {run.detail}"
@@ -826,11 +1235,44 @@ def main(argv: Sequence[str] | None = None) -> int:
   save_json(args.json, results)
 
   copies: queue.Queue[pathlib.Path] = queue.Queue()
+  runners: dict[pathlib.Path, WarmRunner] = {}
   for i in range(args.workers):
     dst = work / f"worker{i}"
     copy_tree(snapshot, dst, names)
+    if not args.no_warm:
+      runners[dst] = WarmRunner(dst, cache)
     copies.put(dst)
   lock = threading.Lock()
+  # Tests that caught a mutant of a module run first for its next mutants
+  # (the run learns where the strong tests are; previous results count).
+  kills: dict[str, dict[str, int]] = {}
+  for r in results["mutants"].values():
+    if r["status"] == "caught" and "::" in r["runs"][-1]["detail"]:
+      per = kills.setdefault(r["path"], {})
+      per[r["runs"][-1]["detail"]] = per.get(r["runs"][-1]["detail"], 0) + 1
+
+  def plan(mutant: Mutant) -> list[tuple[str, list[str], float]]:
+    """The stages of one mutant: ``(name, pytest args, timeout)``."""
+    full = selection_args(mutant.path, SELECTION)
+    if cmap is None:
+      stages = []
+      if (mutant.path, "first") in timeouts:
+        first = selection_args(mutant.path, FIRST_PASS)
+        stages.append(("first", first, timeouts[mutant.path, "first"]))
+      return stages + [("full", full, timeouts[mutant.path, "full"])]
+    kind, tests = covering_tests(
+      mutant, cmap, stmts[mutant.path], spans[mutant.path]
+    )
+    full_stage = ("full", full, timeouts[mutant.path, "full"])
+    if kind == "import" and not tests:
+      return [full_stage]
+    if kind == "uncovered":
+      return [("uncovered", [], 0.0)]
+    with lock:
+      known = dict(kills.get(mutant.path, {}))
+    tests = sorted(tests, key=lambda t: -known.get(t, 0))  # stable: fast first
+    stages = [(kind, tests, _timeout_of(cmap, tests))]
+    return stages + [full_stage] if args.confirm else stages
 
   def one(mutant: Mutant, made: int) -> dict[str, Any]:
     root = copies.get()
@@ -839,15 +1281,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
       target.write_text(mutant.source)
       runs = []
-      stages = ["first", "full"] if (mutant.path, "first") in timeouts else []
-      for stage in stages or ["full"]:
-        table = FIRST_PASS if stage == "first" else SELECTION
-        run = run_pytest(
-          root,
-          selection_args(mutant.path, table),
-          timeouts[mutant.path, stage],
-          extra,
-        )
+      for stage, pytest_args, timeout in plan(mutant):
+        if not pytest_args:  # no test reaches the change
+          runs.append(
+            {"stage": stage, "status": "passed", "seconds": 0.0, "detail": ""}
+          )
+          break
+        if root in runners:
+          run = runners[root].run(pytest_args, timeout, extra)
+        else:
+          run = run_pytest(root, pytest_args, timeout, extra, cache)
         runs.append({"stage": stage, **dataclasses.asdict(run)})
         if run.status != "passed":
           break
@@ -867,6 +1310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with lock:
       results["mutants"][mutant.id] = record
+      killer = runs[-1]["detail"]
+      if status == "caught" and "::" in killer:
+        per = kills.setdefault(mutant.path, {})
+        per[killer] = per.get(killer, 0) + 1
       save_json(args.json, results)
     return record
 
@@ -880,6 +1327,16 @@ def main(argv: Sequence[str] | None = None) -> int:
       if r["status"] == "survived":
         tqdm.write(f"SURVIVED {r['id']}: {r['description']}")
   bar.close()
+  for runner in runners.values():
+    runner.close()
+
+  print("checking the tests that caught mutants on the unmutated copy")
+  checked = check_killers(snapshot, results, cache)
+  results.setdefault("killers", {}).update(checked)
+  save_json(args.json, results)
+  bad = [k for k, v in checked.items() if v != "passed"]
+  if bad:
+    print(f"warning: {len(bad)} catching tests fail unmutated: {bad[:5]}")
 
   for mod, s in sorted(summarize(results, verdicts).items()):
     print(
