@@ -142,3 +142,44 @@ def test_a_line_no_test_reaches_is_uncovered(mutate):
     "uncovered",
     [],
   )
+
+
+def test_wilson_interval_by_hand(mutate):
+  # 95 of 100: the textbook Wilson interval is 0.8883-0.9785.
+  lo, hi = mutate.wilson(95, 100)
+  assert round(lo, 4) == 0.8882 and round(hi, 4) == 0.9785
+  assert mutate.wilson(0, 0) == (0.0, 1.0)
+  assert mutate.wilson(10, 10)[1] == 1.0
+
+
+def test_the_score_leaves_out_equivalents_and_counts_added_tests_after(
+  mutate, tmp_path
+):
+  def record(i, status):
+    return {
+      "id": f"jepa_ema/m.py:{i}:const:{i}", "path": "jepa_ema/m.py",
+      "line": i, "end_line": i, "operator": "const", "description": "",
+      "original": "x", "mutated": "y", "status": status, "made": 10,
+      "seconds": 1.0, "runs": [],
+    }  # fmt: skip
+
+  results = {
+    "mutants": {
+      r["id"]: r
+      for r in [record(i, "caught") for i in range(1, 7)]
+      + [record(7, "timeout")]
+      + [record(i, "survived") for i in (8, 9, 10)]
+    },
+    "clean": {},
+  }
+  verdicts = {
+    "jepa_ema/m.py:8:const:8": {"verdict": "equivalent", "note": ""},
+    "jepa_ema/m.py:9:const:9": {"verdict": "test added", "note": ""},
+  }
+  per = mutate.summarize(results, verdicts)["jepa_ema/m.py"]
+  assert per["score"] == 7 / 9 and per["after"] == 8 / 9
+  out = tmp_path / "m.md"
+  mutate.write_markdown(out, results, verdicts, {"jepa_ema/m.py": 10})
+  text = out.read_text()
+  assert "Score over the 9 non-equivalent mutants run: 77.8 %" in text
+  assert "| **all** | 10 | 10 | 6 | 1 | 3 | 1 | 77.8 % | 1 | 88.9 % |" in text

@@ -704,6 +704,20 @@ def test_ema_pytorch_float_steps_match_integer_steps():
   )
 
 
+def test_ema_pytorch_integer_array_steps_are_exact_beyond_2_24():
+  # _multiple_of's docstring: exact for integer steps, in integer
+  # arithmetic. A NumPy integer array of steps past 2**24 (where float32
+  # no longer holds every integer) idles and updates on the same calls as
+  # the Python ints and a JAX int32 array do.
+  s = jepa_ema.ema_pytorch_momentum(update_after_step=0, update_every=3)
+  steps = np.arange(2**24 + 1, 2**24 + 13)
+  ints = np.float32([float(s(int(c))) for c in steps])
+  assert (ints == 1.0).sum() == 8  # two of every three calls idle
+  np.testing.assert_array_equal(s(steps), ints)
+  np.testing.assert_array_equal(s(list(steps)), ints)
+  np.testing.assert_array_equal(s(jnp.asarray(steps, jnp.int32)), ints)
+
+
 @pytest.mark.parametrize(
   "kwargs,exc",
   [

@@ -944,6 +944,7 @@ def summarize(
         "timeouts": 0,
         "survived": 0,
         "equivalent": 0,
+        "added": 0,
         "seconds": 0.0,
       },
     )
@@ -956,38 +957,116 @@ def summarize(
       s["timeouts"] += 1
     else:
       s["survived"] += 1
-      if verdicts.get(r["id"], {}).get("verdict") == "equivalent":
+      verdict = verdicts.get(r["id"], {}).get("verdict")
+      if verdict == "equivalent":
         s["equivalent"] += 1
+      elif verdict == "test added":
+        s["added"] += 1
   for s in per.values():
     denominator = s["run"] - s["equivalent"]
     caught = s["caught"] + s["timeouts"]
     s["score"] = caught / denominator if denominator else 1.0
+    s["after"] = (caught + s["added"]) / denominator if denominator else 1.0
   return per
 
 
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+  """The Wilson score interval of a proportion ``k / n``."""
+  if n == 0:
+    return 0.0, 1.0
+  p = k / n
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def write_markdown(
-  path: pathlib.Path, results: dict[str, Any], verdicts: dict[str, Any]
+  path: pathlib.Path,
+  results: dict[str, Any],
+  verdicts: dict[str, Any],
+  made: dict[str, int] | None = None,
 ) -> None:
   """The summary table and one row per survivor (verdict blank until
-  given in the verdicts file)."""
+  given in the verdicts file). ``made``: the mutants of every module, run
+  or not."""
   per = summarize(results, verdicts)
+  for mod, n in (made or {}).items():
+    per.setdefault(
+      mod,
+      dict.fromkeys(
+        ("run", "caught", "timeouts", "survived", "equivalent", "added"), 0
+      )
+      | {"seconds": 0.0, "score": 1.0, "after": 1.0},
+    )["made"] = n
   out = [
     "# Mutation testing: jepa_ema",
     "",
     "Made by `tools/mutate.py` (see its docstring for the operators and the",
     "per-module test selection). Caught includes collection errors; a",
     "timeout (3x the clean run) counts as caught. Score = (caught + timeouts)"
-    " / (run - equivalent).",
+    " / (run - equivalent); score after = the same with the survivors whose "
+    "verdict is `test added` counted as caught.",
     "",
     "| module | made | run | caught | timeouts | survived | equivalent "
-    "| score | s/mutant |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| score | test added | score after | s/mutant |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
+
+  def pct(x: float, run: int) -> str:
+    return f"{100 * x:.1f} %" if run else "-"
+
   for mod, s in sorted(per.items()):
+    if not s["made"]:
+      continue
     out.append(
       f"| `{mod}` | {s['made']} | {s['run']} | {s['caught']} | "
       f"{s['timeouts']} | {s['survived']} | {s['equivalent']} | "
-      f"{100 * s['score']:.1f} % | {s['seconds'] / max(s['run'], 1):.0f} |"
+      f"{pct(s['score'], s['run'])} | {s['added']} | "
+      f"{pct(s['after'], s['run'])} | "
+      f"{s['seconds'] / max(s['run'], 1):.0f} |"
+    )
+  total = {
+    k: sum(s[k] for s in per.values())
+    for k in (
+      "made",
+      "run",
+      "caught",
+      "timeouts",
+      "survived",
+      "equivalent",
+      "added",
+    )
+  }
+  caught = total["caught"] + total["timeouts"]
+  n = total["run"] - total["equivalent"]
+  lo, hi = wilson(caught, n)
+  seconds = sum(s["seconds"] for s in per.values())
+  out.append(
+    f"| **all** | {total['made']} | {total['run']} | {total['caught']} | "
+    f"{total['timeouts']} | {total['survived']} | {total['equivalent']} | "
+    f"{100 * caught / max(n, 1):.1f} % | {total['added']} | "
+    f"{100 * (caught + total['added']) / max(n, 1):.1f} % | "
+    f"{seconds / max(total['run'], 1):.0f} |"
+  )
+  lo2, hi2 = wilson(caught + total["added"], n)
+  out += [
+    "",
+    f"Score over the {n} non-equivalent mutants run: "
+    f"{100 * caught / max(n, 1):.1f} % (95 % Wilson interval "
+    f"{100 * lo:.1f}-{100 * hi:.1f} %); with the tests added for the "
+    f"survivors (each checked to fail on its mutant): "
+    f"{100 * (caught + total['added']) / max(n, 1):.1f} % "
+    f"({100 * lo2:.1f}-{100 * hi2:.1f} %). Run in a seeded random order "
+    "(`--shuffle`), so a run stopped early is a uniform sample of the "
+    f"package: {total['run']} of {total['made']} mutants here.",
+  ]
+  killers = results.get("killers", {})
+  if killers:
+    bad = sorted(k for k, v in killers.items() if v != "passed")
+    out.append(
+      f"\nThe {len(killers)} tests that caught a mutant all pass unmutated"
+      if not bad
+      else f"\n{len(bad)} catching tests fail unmutated: {bad}"
     )
   for mod, clean in sorted(results.get("clean", {}).items()):
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(clean.items()))
@@ -1163,6 +1242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   }
 
   results = load_json(args.json)
+  made_by: dict[str, int] = {}
   todo: list[tuple[Mutant, int]] = []
   for mod in modules:
     if mod not in SELECTION:
@@ -1170,6 +1250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       continue
     found = mutants_of(mod, (snapshot / mod).read_text())
     made = len(found)
+    made_by[mod] = made
     current = {m.id for m in found}
     for k in [k for k, r in results["mutants"].items() if r["path"] == mod]:
       if k not in current:  # the module changed: those results are stale
@@ -1197,7 +1278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not todo:
     print("nothing to run")
     if args.markdown:
-      write_markdown(args.markdown, results, verdicts)
+      write_markdown(args.markdown, results, verdicts, made_by)
     return 0
 
   extra = []
@@ -1345,7 +1426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       f"{s['seconds'] / max(s['run'], 1):.0f} s/mutant"
     )
   if args.markdown:
-    write_markdown(args.markdown, results, verdicts)
+    write_markdown(args.markdown, results, verdicts, made_by)
   return 0
 
 
