@@ -840,3 +840,22 @@ def test_make_ema_update_huge_steps_compile_once_more():
       assert float(out["w"][0]) < 0.5
   assert fn._cache_size() == 2  # pylint: disable=protected-access
   chex.assert_trees_all_equal(out, t)  # m(2**33) = 1: past the ramp
+
+
+@pytest.mark.parametrize(
+  "m, held", [(lambda s: 1, True), (np.int64(1), True), (lambda s: 0, False)]
+)
+def test_integer_momenta_are_real_scalars(m, held):
+  # A real scalar momentum may be an integer (a schedule returning 0 or 1):
+  # 1 holds the target, 0 takes the online values, exactly.
+  target, online = {"w": jnp.full(3, 2.0)}, {"w": jnp.arange(3.0)}
+  out = jepa_ema.ema_update(target, online, 0, m)
+  np.testing.assert_array_equal(out["w"], (target if held else online)["w"])
+
+
+@pytest.mark.parametrize(
+  "m", [np.complex64(0.5), lambda s: jnp.complex64(0.5), np.bool_(True)]
+)
+def test_complex_and_bool_momenta_are_type_errors(m):
+  with pytest.raises(TypeError, match="must be a real scalar"):
+    jepa_ema.ema_update({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 0, m)
