@@ -461,3 +461,28 @@ def test_non_array_leaves_are_taken_from_online_as_they_are(policy):
   out = jepa_ema.ema_update(state.target, params, 0, 0.5, policy=policy)
   assert out["tag"] == "enc" and out["act"] is jax.nn.relu
   np.testing.assert_array_equal(out["w"], np.full(3, 0.75, np.float32))
+
+
+def test_state_shardings_of_params_given_as_shardings_with_target_sharding():
+  # params may be given as shardings (the out_shardings of the params);
+  # a target_sharding on the same devices fits them (no test passed
+  # shardings and a target_sharding together: checking the device sets
+  # backwards passed).
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((1,), ("data",))
+  params = {"w": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P())}
+  wanted = NamedSharding(mesh, P("data"))
+  out = jepa_ema.state_shardings(
+    params, target_sharding={"w": wanted, "b": None}
+  )
+  assert out.target["w"] == wanted and out.target["b"] == params["b"]
+
+
+def test_a_state_holding_no_ema_state_is_named_whatever_the_memory_kind():
+  # One message per mistake: a state without an EmaState is that mistake,
+  # also when memory_kind is given as a one-element tuple.
+  params = {"w": jax.device_put(jnp.zeros(4))}
+  for kind in (None, (None,)):
+    with pytest.raises(ValueError, match="holds no EmaState"):
+      jepa_ema.state_shardings(params, {"not": jnp.zeros(())}, memory_kind=kind)
