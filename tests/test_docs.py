@@ -218,6 +218,23 @@ def test_sharding_page_holds_the_current_scale_results():
   )
 
 
+def test_testing_page_holds_the_current_mutation_results():
+  """docs/testing.md quotes tools/mutate.py's summary of the last run (the
+  table and the score, tools/mutation_results/package_summary.md) as it is."""
+  text = (ROOT / "docs/testing.md").read_text()
+  found = re.search(
+    r"<!-- results:start tools/mutation_results/package_summary.md -->\n"
+    r"(.*?)\n<!-- results:end -->",
+    text,
+    flags=re.S,
+  )
+  assert found is not None
+  generated = ROOT / "tools/mutation_results/package_summary.md"
+  assert found.group(1) == generated.read_text().rstrip("\n"), (
+    "docs/testing.md holds a stale copy of the mutation summary"
+  )
+
+
 DOCS = sorted((ROOT / "docs").rglob("*.md"))
 
 

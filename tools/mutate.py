@@ -988,7 +988,8 @@ def write_markdown(
 ) -> None:
   """The summary table and one row per survivor (verdict blank until
   given in the verdicts file). ``made``: the mutants of every module, run
-  or not."""
+  or not. The table and the score alone also go to ``<stem>_summary.md``
+  beside ``path`` (docs/testing.md holds a copy)."""
   per = summarize(results, verdicts)
   for mod, n in (made or {}).items():
     per.setdefault(
@@ -1064,10 +1065,25 @@ def write_markdown(
   if killers:
     bad = sorted(k for k, v in killers.items() if v != "passed")
     out.append(
-      f"\nThe {len(killers)} tests that caught a mutant all pass unmutated"
+      f"\nThe {len(killers)} tests that caught a mutant all pass unmutated."
       if not bad
       else f"\n{len(bad)} catching tests fail unmutated: {bad}"
     )
+  kinds: dict[str, int] = {}
+  for r in results["mutants"].values():
+    if r["status"] == "survived":
+      v = verdicts.get(r["id"], {}).get("verdict", "open")
+      kinds[v] = kinds.get(v, 0) + 1
+  order = ("test added", "equivalent", "not a promise", "open")
+  out.append(
+    "\nVerdicts of the survivors: "
+    + ", ".join(f"{kinds.get(k, 0)} {k}" for k in order)
+    + "."
+  )
+  first = next(i for i, line in enumerate(out) if line.startswith("| module"))
+  summary = path.with_name(path.stem + "_summary.md")
+  summary.parent.mkdir(parents=True, exist_ok=True)
+  summary.write_text("\n".join(out[first:]) + "\n")
   for mod, clean in sorted(results.get("clean", {}).items()):
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in sorted(clean.items()))
     out.append(f"\nClean run of `{mod}`'s selection: {stages}.")
