@@ -486,3 +486,52 @@ def test_a_state_holding_no_ema_state_is_named_whatever_the_memory_kind():
   for kind in (None, (None,)):
     with pytest.raises(ValueError, match="holds no EmaState"):
       jepa_ema.state_shardings(params, {"not": jnp.zeros(())}, memory_kind=kind)
+
+
+def test_abstract_state_on_explicit_axes_gets_the_params_own_layout():
+  # An abstract state on Explicit axes carries its layout (on an abstract
+  # mesh); state_shardings reports it on the params' concrete mesh, spelled
+  # as the params spell it where the two are the same layout.
+  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+  mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(mesh):
+    params = {
+      "w": jax.device_put(jnp.zeros((4, 2)), NamedSharding(mesh, P("data")))
+    }
+    abstract = jax.eval_shape(jepa_ema.ema(0.9).init, params)
+    assert isinstance(
+      abstract.target["w"].sharding.mesh, jax.sharding.AbstractMesh
+    )
+    out = jepa_ema.state_shardings(params, abstract)
+  assert out.target["w"] == params["w"].sharding
+  assert out.target["w"].spec == P("data")  # the params' spelling
+  # A state laid out on a mesh that is none of the params' (other axis
+  # names): its layout cannot be placed, so the params' layout is reported.
+  other = jax.make_mesh((1,), ("model",), axis_types=(AxisType.Explicit,))
+  with jax.set_mesh(other):
+    elsewhere = {
+      "w": jax.device_put(jnp.zeros((4, 2)), NamedSharding(other, P("model")))
+    }
+    abstract = jax.eval_shape(jepa_ema.ema(0.9).init, elsewhere)
+  out = jepa_ema.state_shardings(params, abstract)
+  assert out.target["w"] == params["w"].sharding
+
+
+@pytest.mark.parametrize("policy", [None, {"a": "average", "b": "copy"}])
+def test_a_mismatched_target_hints_at_none_only_when_the_policy_excludes(
+  policy,
+):
+  # The hint "the target holds None in their place" belongs to a policy
+  # that excludes leaves; other mismatches get the plain message. The
+  # second of two targets is checked against the plan made from the first.
+  online = {"a": jnp.ones(2), "b": jnp.ones(2)}
+  tx = jepa_ema.ema((0.9, 0.99), policy=policy)
+  first, second = tx.init(online)
+  with pytest.raises(ValueError) as plain:
+    tx.update(online, (first, second._replace(target={"a": jnp.ones(2)})))
+  assert "holds None in" not in str(plain.value)
+  tx = jepa_ema.ema((0.9, 0.99), policy={"a": "average", "b": "exclude"})
+  first, second = tx.init(online)
+  with pytest.raises(ValueError, match="holds None in their place"):
+    tx.update(online, (first, second._replace(target=online)))
