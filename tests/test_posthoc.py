@@ -385,6 +385,16 @@ def test_damaged_and_mixed_up_directories(tmp_path):
   with pytest.raises(jepa_ema.SnapshotError, match="does not belong"):
     len(snaps)
   os.remove(tmp_path / "d" / "notes.txt")
+  # A stray folder, and a file named like a snapshot: neither belongs (not
+  # "an incomplete snapshot", which would invite deleting real data).
+  (tmp_path / "d" / "plots").mkdir()
+  with pytest.raises(jepa_ema.SnapshotError, match="does not belong"):
+    len(snaps)
+  (tmp_path / "d" / "plots").rmdir()
+  (tmp_path / "d" / "0000000012-00").write_text("not a folder")
+  with pytest.raises(jepa_ema.SnapshotError, match="does not belong"):
+    len(snaps)
+  os.remove(tmp_path / "d" / "0000000012-00")
   meta = tmp_path / "d" / "0000000004-01" / "meta.json"
   meta.write_text(json.dumps({"step": 4, "sigma_rel": 0.05, "index": 1}))
   with pytest.raises(jepa_ema.SnapshotError, match="mixed up"):
