@@ -410,6 +410,23 @@ def test_apply_to_with_memory_kind_is_a_copy_on_the_models_memory():
   np.testing.assert_array_equal(k, ema.params["lin"]["kernel"][...])
 
 
+def test_apply_to_of_a_placed_ema_inside_nnx_jit():
+  # A host-memory EMA closed over by a jitted function of the model: the
+  # teacher's traced values are the EMA's, on the model's memory.
+  model = Net(nnx.Rngs(0), dropout=False)
+  ema = jepa_ema.nnx.EMA(model, 0.5, only=nnx.Param, memory_kind="pinned_host")
+  perturb(model, 0)
+  ema.update(model)
+
+  @nnx.jit
+  def teacher_kernel(model):
+    return ema.apply_to(model).lin.kernel[...]
+
+  k = teacher_kernel(model)
+  np.testing.assert_array_equal(k, ema.params["lin"]["kernel"][...])
+  assert k.sharding.memory_kind == model.lin.kernel[...].sharding.memory_kind
+
+
 def test_options_pass_through_every_and_dtype():
   model = Net(nnx.Rngs(0), dropout=False)
   k0 = np.asarray(model.lin.kernel[...], np.float64)

@@ -291,6 +291,15 @@ def test_snapshots_storage_dtype(tmp_path):
   np.testing.assert_allclose(
     np.asarray(out["w"], np.float32), state[0].target["w"], rtol=2e-3
   )
+  # The directory remembers its dtype: reopened bare, with the same dtype,
+  # or with another (refused, naming both).
+  assert jepa_ema.PostHocSnapshots(tmp_path / "h").dtype == jnp.float16
+  same = jepa_ema.PostHocSnapshots(tmp_path / "h", SIGMAS, dtype=jnp.float16)
+  assert same.dtype == jnp.float16
+  with pytest.raises(
+    jepa_ema.SnapshotError, match="dtype='float16', not 'bfloat16'"
+  ):
+    jepa_ema.PostHocSnapshots(tmp_path / "h", dtype=jnp.bfloat16)
 
 
 def test_killed_writer_is_reported_then_rewritten(tmp_path):

@@ -1190,6 +1190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     "against its module's whole SELECTION too",
   )
   p.add_argument(
+    "--check-killers",
+    action="store_true",
+    help="with nothing to run (e.g. --max-mutants 0): run the tests that "
+    "caught mutants on the unmutated package, as a finished run does",
+  )
+  p.add_argument(
     "--no-warm",
     action="store_true",
     help="start each pytest run from scratch instead of forking it from a "
@@ -1293,6 +1299,12 @@ def main(argv: Sequence[str] | None = None) -> int:
   save_json(args.json, results)
   if not todo:
     print("nothing to run")
+    if args.check_killers:  # e.g. after a run stopped before its end
+      checked = check_killers(snapshot, results, cache)
+      results.setdefault("killers", {}).update(checked)
+      save_json(args.json, results)
+      bad = [k for k, v in checked.items() if v != "passed"]
+      print(f"{len(checked)} catching tests checked unmutated; failing: {bad}")
     if args.markdown:
       write_markdown(args.markdown, results, verdicts, made_by)
     return 0
