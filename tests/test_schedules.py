@@ -257,6 +257,71 @@ def test_total_steps_required():
     jepa_ema.cosine_momentum(0.996, 1.0)  # pylint: disable=missing-kwoa
 
 
+# The documented defaults: the papers' and the PyTorch libraries' own (the
+# ports' transcriptions in test_ports.py pass every argument, so a changed
+# default passed them).
+DEFAULTS = {
+  # I-JEPA / V-JEPA configs: ema [0.996, 1.0].
+  "cosine_momentum": {"base": 0.996, "final": 1.0},
+  "linear_momentum": {"base": 0.996, "final": 1.0},
+  # timm ModelEmaV3 / ema-pytorch warm-up: 0.9999, 1 + t/1, power 2/3.
+  "warmup_momentum": {
+    "max_momentum": 0.9999,
+    "min_momentum": 0.0,
+    "inv_gamma": 1.0,
+    "power": 2 / 3,
+    "start_step": 0,
+  },
+  "exp_warmup_momentum": {"tau": 2000.0},  # ultralytics ModelEMA
+  # ema-pytorch EMA.__init__.
+  "ema_pytorch_momentum": {
+    "beta": 0.9999,
+    "update_after_step": 100,
+    "update_every": 10,
+    "inv_gamma": 1.0,
+    "power": 2 / 3,
+    "min_value": 0.0,
+  },
+  # timm ModelEmaV3.__init__.
+  "timm_momentum": {
+    "decay": 0.9999,
+    "min_decay": 0.0,
+    "update_after_step": 0,
+    "use_warmup": False,
+    "warmup_gamma": 1.0,
+    "warmup_power": 2 / 3,
+  },
+  # diffusers EMAModel.__init__.
+  "diffusers_momentum": {
+    "decay": 0.9999,
+    "min_decay": 0.0,
+    "update_after_step": 0,
+    "use_ema_warmup": False,
+    "inv_gamma": 1.0,
+    "power": 2 / 3,
+  },
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULTS))
+def test_defaults_are_the_papers_and_the_libraries(name):
+  import inspect
+
+  signature = inspect.signature(getattr(jepa_ema, name))
+  defaults = {
+    k: p.default
+    for k, p in signature.parameters.items()
+    if p.default is not inspect.Parameter.empty
+  }
+  assert defaults == DEFAULTS[name]
+
+
+def test_cosine_and_linear_defaults_run_from_0_996_to_1():
+  for make in (jepa_ema.cosine_momentum, jepa_ema.linear_momentum):
+    s = make(total_steps=100)
+    assert float(s(0)) == np.float32(0.996) and float(s(100)) == 1.0
+
+
 def test_a_bad_step_is_named_in_a_short_message():
   # A step that is no real number is a TypeError that shows the step, cut
   # to 200 characters: a whole array pasted into the message would bury it.

@@ -412,3 +412,17 @@ def test_track_ema_momentum_errors():
     other.momentum((a._replace(step=jnp.int32(1)), b))
   with pytest.raises(TypeError, match="built by jepa_ema.track_ema"):
     jepa_ema.TrackEmaTransformation(*optax.sgd(0.1)).momentum(1)
+
+
+@pytest.mark.parametrize("make", [jepa_ema.ema, jepa_ema.track_ema])
+def test_transformations_hash_and_compare_by_identity_as_optax_does(make):
+  # As optax's transformations: hashable whatever the options hold (a dict
+  # policy), equal only to themselves, so one can be a static argument.
+  policy = {"w": "average", "n": "copy"}
+  a, b = make(0.9, policy=policy), make(0.9, policy=policy)
+  assert hash(a) == hash(a) and a == a and a != b
+  params = {"w": jnp.ones(2), "n": jnp.zeros(2)}
+  init = jax.jit(lambda tx, p: tx.init(p), static_argnums=0)
+  np.testing.assert_array_equal(
+    jepa_ema.get_target(init(a, params))["w"], params["w"]
+  )
