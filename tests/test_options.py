@@ -553,3 +553,45 @@ def test_checkpoint_round_trip_resumes_bit_identically(name, tmp_path):
     ckpt.wait_until_finished()
     back = ckpt.restore(tmp_path / "state", jax.eval_shape(lambda: template))
     chex.assert_trees_all_equal(train(*back, seq[7:]), full)
+
+
+# -- survivors of the mutation run (docs/testing.md) ---------------------------
+
+
+@pytest.mark.parametrize("noise", [0, 0xFFFFFFFF], ids=["zeros", "ones"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_values_the_half_dtype_holds_round_to_themselves_at_extreme_noise(
+  noise, dtype, monkeypatch
+):
+  # "Exact values are copied exactly": a value the half dtype holds (zeros
+  # of both signs, subnormals, normals, the maximum) comes back bitwise
+  # whatever the noise, including its extremes, which a random seed almost
+  # never draws (u == 0 has probability 2**-24 per element).
+  from jepa_ema import _rounding
+
+  monkeypatch.setattr(
+    _rounding,
+    "_noise",
+    lambda shape, seed: jnp.full(shape, noise, jnp.uint32),
+  )
+  info = jnp.finfo(dtype)
+  held = jnp.array(
+    [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal,
+     info.smallest_normal, 1.0, -3.5, info.max, -info.max],
+    dtype,
+  )  # fmt: skip
+  out = _rounding.stochastic_round(
+    held.astype(jnp.float32), dtype, jnp.uint32(7)
+  )
+  assert out.dtype == dtype
+  assert np.asarray(out).tobytes() == np.asarray(held).tobytes()
+
+
+def test_stochastic_rounding_keeps_the_keys_own_implementation():
+  # A key of another PRNG implementation (rbg) keeps it through the state:
+  # its raw data is wrapped with its own implementation again.
+  key = jax.random.key(0, impl="rbg")
+  ema = jepa_ema.ema(0.5, dtype=jnp.bfloat16, rounding="stochastic", key=key)
+  params = {"w": jnp.linspace(0.0, 1.0, 64)}
+  state = ema.update({"w": params["w"] + 1e-3}, ema.init(params))
+  assert state.target["w"].dtype == jnp.bfloat16 and int(state.step) == 1

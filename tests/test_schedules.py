@@ -581,11 +581,13 @@ def test_timm_port_from_readme(u, mn):
 
 def test_sigma_rel_to_gamma_is_polished_to_float64_rounding():
   # Against the cubic's root in 50-digit decimal arithmetic (Newton from the
-  # library's value): within 2 ulps for sigma_rel <= 0.2 (gamma >= 1.8).
-  # np.roots alone, without the Newton polish, is off by up to 13 ulps.
+  # library's value): within 2.5 ulps over 300 widths with sigma_rel <= 0.2
+  # (gamma >= 1.8; measured: 2.16). np.roots alone, without the Newton
+  # polish, is off by up to 13 ulps; a polish with a wrong derivative
+  # (+t for -t) by 3.4.
   from decimal import Decimal, localcontext
 
-  for s in np.geomspace(1e-3, 0.2, 40):
+  for s in np.geomspace(1e-3, 0.2, 300):
     g = jepa_ema.sigma_rel_to_gamma(float(s))
     with localcontext() as ctx:
       ctx.prec = 50
@@ -595,7 +597,7 @@ def test_sigma_rel_to_gamma_is_polished_to_float64_rounding():
         f = ((root + 7) * root + 16 - t) * root + 12 - t
         root -= f / ((3 * root + 14) * root + 16 - t)
       ulps = abs(Decimal(g) - root) / Decimal(math.ulp(float(root)))
-    assert ulps <= 2, (float(s), float(ulps))
+    assert ulps <= 2.5, (float(s), float(ulps))
 
 
 @pytest.mark.parametrize("gamma", [0.5, 6.94, 16.97, 50.0])
