@@ -595,3 +595,18 @@ def test_stochastic_rounding_keeps_the_keys_own_implementation():
   params = {"w": jnp.linspace(0.0, 1.0, 64)}
   state = ema.update({"w": params["w"] + 1e-3}, ema.init(params))
   assert state.target["w"].dtype == jnp.bfloat16 and int(state.step) == 1
+
+
+def test_float32_targets_never_get_the_half_precision_warning():
+  # PrecisionWarning is about dtypes narrower than float32 (bfloat16,
+  # float16, float8): a float32 target does not warn, even at a momentum
+  # where its own rounding would stall it (1 - m below 2**-24 / 1 %).
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", jepa_ema.PrecisionWarning)
+    ema = jepa_ema.ema(0.9999999)
+    ema.update({"w": jnp.zeros(3)}, ema.init({"w": jnp.ones(3)}))
+    jepa_ema.ema_update({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 0, 0.9999999)
+  with pytest.warns(jepa_ema.PrecisionWarning):
+    jepa_ema.ema(0.9999999, dtype=jnp.bfloat16).init({"w": jnp.ones(3)})
