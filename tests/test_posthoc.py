@@ -419,6 +419,13 @@ def test_damaged_and_mixed_up_directories(tmp_path):
     jepa_ema.posthoc_reconstruct(snaps, sigma_rel=0.07)
 
 
+def test_a_new_snapshot_directory_is_made_with_its_parents(tmp_path):
+  where = tmp_path / "runs" / "vit" / "snapshots"
+  snaps = jepa_ema.PostHocSnapshots(where, SIGMAS, every=4)
+  assert (where / "posthoc.json").is_file()
+  assert jepa_ema.PostHocSnapshots(where).sigma_rels == snaps.sigma_rels
+
+
 def test_snapshot_argument_errors(tmp_path):
   with pytest.raises(ValueError, match="sigma_rel"):
     jepa_ema.PostHocSnapshots(tmp_path / "a", (0.05, 0.5), every=4)
