@@ -859,3 +859,14 @@ def test_integer_momenta_are_real_scalars(m, held):
 def test_complex_and_bool_momenta_are_type_errors(m):
   with pytest.raises(TypeError, match="must be a real scalar"):
     jepa_ema.ema_update({"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 0, m)
+
+
+def test_a_long_value_in_an_error_is_cut_short():
+  # A vector momentum of 800 entries (NumPy prints them all, some 9,000
+  # characters): the message names the mistake and shows the value cut to
+  # 400 characters.
+  with pytest.raises(ValueError, match="must be a scalar") as e:
+    jepa_ema.ema_update(
+      {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}, 0, jnp.linspace(0.1, 0.9, 800)
+    )
+  assert str(e.value).endswith(" ...].") and len(str(e.value)) < 600
