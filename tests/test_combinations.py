@@ -468,7 +468,8 @@ def test_state_shardings_of_params_given_as_shardings_with_target_sharding():
   # a target_sharding on the same devices fits them (no test passed
   # shardings and a target_sharding together: checking the device sets
   # backwards passed).
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   mesh = jax.make_mesh((1,), ("data",))
   params = {"w": NamedSharding(mesh, P()), "b": NamedSharding(mesh, P())}
@@ -492,7 +493,8 @@ def test_abstract_state_on_explicit_axes_gets_the_params_own_layout():
   # An abstract state on Explicit axes carries its layout (on an abstract
   # mesh); state_shardings reports it on the params' concrete mesh, spelled
   # as the params spell it where the two are the same layout.
-  from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   mesh = jax.make_mesh((1,), ("data",), axis_types=(AxisType.Explicit,))
   with jax.set_mesh(mesh):
