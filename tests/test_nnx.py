@@ -410,6 +410,16 @@ def test_apply_to_with_memory_kind_is_a_copy_on_the_models_memory():
   np.testing.assert_array_equal(k, ema.params["lin"]["kernel"][...])
 
 
+def test_one_action_string_applies_to_every_variable():
+  # policy="copy": the EMA follows the model exactly, Variable by Variable.
+  model = Net(nnx.Rngs(0), dropout=False)
+  ema = jepa_ema.nnx.EMA(model, 0.9, only=nnx.Param, policy="copy")
+  perturb(model, 0)
+  ema.update(model)
+  for path, v in values(ema.params).items():
+    np.testing.assert_array_equal(v, values(model)[path])
+
+
 def test_apply_to_of_a_placed_ema_inside_nnx_jit():
   # A host-memory EMA closed over by a jitted function of the model: the
   # teacher's traced values are the EMA's, on the model's memory.

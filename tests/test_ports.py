@@ -365,6 +365,19 @@ def test_ports_are_schedules_like_the_others(make):
       ValueError,
       "`warmup_power`",
     ),
+    # 0 is refused too (the warm-up would be constant: 1 - 1 = 0 forever).
+    (
+      jepa_ema.timm_momentum,
+      dict(warmup_power=0.0),
+      ValueError,
+      "`warmup_power`",
+    ),
+    (
+      jepa_ema.timm_momentum,
+      dict(warmup_gamma=0.0),
+      ValueError,
+      "`warmup_gamma`",
+    ),
     (jepa_ema.timm_momentum, dict(use_warmup="yes"), TypeError, "`use_warmup`"),
   ],
 )

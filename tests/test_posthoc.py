@@ -489,6 +489,25 @@ def test_maybe_save_refuses_the_states_of_another_ema(
   assert not (tmp_path / "s" / "0000000006-00").exists()  # nothing saved
 
 
+def test_maybe_save_refuses_a_momentum_off_late_in_the_window(tmp_path):
+  # The check's tolerance shrinks with 1 - m (1e-6 + 1e-4 (1 - m)): a
+  # momentum 2e-4 too high from update 100 on (where 1 - m is about 0.18)
+  # is refused; a tolerance growing with 1 / (1 - m) would let it pass.
+  snaps = jepa_ema.PostHocSnapshots(tmp_path / "s", SIGMAS, every=200)
+  width0, width1 = (jepa_ema.power_momentum(sigma_rel=s) for s in SIGMAS)
+
+  def off(t):
+    return jnp.where(t >= 100, width0(t) + 2e-4, width0(t))
+
+  ema = jepa_ema.ema((off, width1))
+  params = {"w": jnp.zeros(2)}
+  state = jax.jit(
+    lambda s: jax.lax.fori_loop(0, 200, lambda i, s: ema.update(params, s), s)
+  )(ema.init(params))
+  with pytest.raises(ValueError, match="momentum 0 is not that of"):
+    snaps.maybe_save(state, ema)
+
+
 def test_snapshots_build_the_matching_ema(tmp_path):
   snaps = jepa_ema.PostHocSnapshots(tmp_path / "s", SIGMAS, every=2)
   with pytest.raises(TypeError, match="snaps.ema"):

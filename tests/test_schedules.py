@@ -334,6 +334,14 @@ def test_a_bad_step_is_named_in_a_short_message():
     jepa_ema.constant_momentum(0.9)("ten")
 
 
+def test_zero_dimensional_arrays_are_constant_momenta():
+  # A 0-d array (JAX or NumPy) is a number; an array with dimensions is not.
+  for m in (jnp.asarray(0.99), np.array(0.99)):
+    assert schedules.as_schedule(m) == jepa_ema.constant_momentum(float(m))
+  with pytest.raises(TypeError, match="schedule"):
+    schedules.as_schedule(np.array([0.99]))
+
+
 def test_as_schedule():
   opt = optax.linear_schedule(0.9, 1.0, 10)
   assert schedules.as_schedule(opt) is opt
