@@ -627,3 +627,15 @@ def test_float16_stochastic_rounding_is_unbiased_among_the_subnormals(scale):
   assert set(np.unique(out.astype(np.float64))) <= {lo, lo + tiny}
   se = tiny * 0.5 / math.sqrt(x.size)
   assert abs(out.astype(np.float64).mean() - scale * tiny) < 6 * se
+
+
+def test_a_long_window_momentum_is_the_exact_product_rounded_once():
+  # every=64: the window's momentum is the exact product of its 64
+  # float32 momenta rounded once to float32 (docs: up to 64 * 2**-44
+  # relative before that rounding), on 12 windows of a cosine ramp.
+  sched = jepa_ema.cosine_momentum(0.9, 1.0, total_steps=1000)
+  ema = jepa_ema.ema(sched, every=64)
+  ms = np.asarray(jax.vmap(sched)(jnp.arange(768)), np.float64)
+  for w in range(12):
+    exact = np.float32(np.prod(ms[64 * w : 64 * w + 64]))
+    assert np.float32(ema.momentum(64 * w + 63)) == exact, w
