@@ -379,6 +379,12 @@ def test_ports_are_schedules_like_the_others(make):
       "`warmup_gamma`",
     ),
     (jepa_ema.timm_momentum, dict(use_warmup="yes"), TypeError, "`use_warmup`"),
+    (
+      jepa_ema.timm_momentum,
+      dict(update_after_step=1.5),
+      TypeError,
+      "`update_after_step`",
+    ),
   ],
 )
 def test_ports_are_validated_when_built(make, kwargs, exc, match):
