@@ -200,20 +200,28 @@ def test_recipe_pages_hold_the_current_recipes(tmp_path, monkeypatch):
   assert recipe_pages.stale() == ["docs/howto/nnx.md"]
 
 
+def _quoted(page: str, source: str, extra: str = "") -> str:
+  """The copy of ``source`` that ``page`` holds between its results markers
+  (``extra``: a regex for the start marker's further text)."""
+  found = re.search(
+    rf"<!-- results:start {re.escape(source)}{extra} -->\n(.*?)\n"
+    r"<!-- results:end -->",
+    (ROOT / page).read_text(),
+    flags=re.S,
+  )
+  assert found is not None, f"{page} has no results block for {source}"
+  return found.group(1)
+
+
 def test_sharding_page_holds_the_current_scale_results():
   """The sharding page holds a copy of benchmarks/scale_results.md (readable on
   GitHub, no include line), equal to the generated file."""
-  text = (ROOT / "docs/howto/sharding.md").read_text()
-  assert "--8<--" not in text
-  found = re.search(
-    r"<!-- results:start benchmarks/scale_results.md [^>]*-->\n(.*?)\n"
-    r"<!-- results:end -->",
-    text,
-    flags=re.S,
+  assert "--8<--" not in (ROOT / "docs/howto/sharding.md").read_text()
+  quoted = _quoted(
+    "docs/howto/sharding.md", "benchmarks/scale_results.md", " [^>]*"
   )
-  assert found is not None
   generated = (ROOT / "benchmarks/scale_results.md").read_text().rstrip("\n")
-  assert found.group(1) == generated, (
+  assert quoted == generated, (
     "docs/howto/sharding.md holds a stale copy of benchmarks/scale_results.md"
   )
 
@@ -221,16 +229,9 @@ def test_sharding_page_holds_the_current_scale_results():
 def test_testing_page_holds_the_current_mutation_results():
   """docs/testing.md quotes tools/mutate.py's summary of the last run (the
   table and the score, tools/mutation_results/package_summary.md) as it is."""
-  text = (ROOT / "docs/testing.md").read_text()
-  found = re.search(
-    r"<!-- results:start tools/mutation_results/package_summary.md -->\n"
-    r"(.*?)\n<!-- results:end -->",
-    text,
-    flags=re.S,
-  )
-  assert found is not None
-  generated = ROOT / "tools/mutation_results/package_summary.md"
-  assert found.group(1) == generated.read_text().rstrip("\n"), (
+  source = "tools/mutation_results/package_summary.md"
+  generated = (ROOT / source).read_text().rstrip("\n")
+  assert _quoted("docs/testing.md", source) == generated, (
     "docs/testing.md holds a stale copy of the mutation summary"
   )
 

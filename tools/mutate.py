@@ -869,6 +869,21 @@ def covering_tests(
   return "uncovered", []
 
 
+def _record_killers(
+  copy_root: pathlib.Path,
+  results: dict[str, Any],
+  cache: pathlib.Path | None,
+  out: pathlib.Path | None,
+) -> None:
+  """:func:`check_killers`, its verdicts stored in ``results`` (and saved)."""
+  checked = check_killers(copy_root, results, cache)
+  results.setdefault("killers", {}).update(checked)
+  save_json(out, results)
+  bad = [k for k, v in checked.items() if v != "passed"]
+  print(f"{len(checked)} catching tests checked unmutated", end="")
+  print(f"; warning: {len(bad)} fail unmutated: {bad[:5]}" if bad else "")
+
+
 def _tests_in(cmap: dict[str, Any], path: str) -> list[str]:
   """The map's tests (node ids) in one file or module's doctests."""
   return [t for t in cmap["durations"] if t.split("::")[0] == path]
@@ -881,6 +896,21 @@ def _timeout_of(cmap: dict[str, Any], tests: Sequence[str]) -> float:
   return max(MIN_TIMEOUT_S, TIMEOUT_FACTOR * spent + 60.0)
 
 
+def killer(record: dict[str, Any]) -> str | None:
+  """The node id of the test that caught a mutant (None: not caught by a
+  named test, e.g. a collection error, or an id an older parser cut)."""
+  last = record["runs"][-1] if record["runs"] else {}
+  detail = last.get("detail", "")
+  if (
+    record["status"] != "caught"
+    or last.get("status") != "failed"
+    or "::" not in detail
+    or detail.count("[") != detail.count("]")
+  ):
+    return None
+  return detail
+
+
 def check_killers(
   copy_root: pathlib.Path,
   results: dict[str, Any],
@@ -890,16 +920,7 @@ def check_killers(
   same compilation cache): a kill by a test that fails unmutated is no
   kill. Returns ``{node id: "passed" | ...}`` for the tests checked."""
   killers = sorted(
-    {
-      r["runs"][-1]["detail"]
-      for r in results["mutants"].values()
-      if r["status"] == "caught"
-      and r["runs"][-1]["status"] == "failed"
-      and "::" in r["runs"][-1]["detail"]
-      # ids cut at a space by older runs of this tool cannot be rerun
-      and r["runs"][-1]["detail"].count("[")
-      == r["runs"][-1]["detail"].count("]")
-    }
+    {k for r in results["mutants"].values() if (k := killer(r)) is not None}
   )
   checked: dict[str, str] = {}
   for i in range(0, len(killers), 200):
@@ -1304,11 +1325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not todo:
     print("nothing to run")
     if args.check_killers:  # e.g. after a run stopped before its end
-      checked = check_killers(snapshot, results, cache)
-      results.setdefault("killers", {}).update(checked)
-      save_json(args.json, results)
-      bad = [k for k, v in checked.items() if v != "passed"]
-      print(f"{len(checked)} catching tests checked unmutated; failing: {bad}")
+      _record_killers(snapshot, results, cache, args.json)
     if args.markdown:
       write_markdown(args.markdown, results, verdicts, made_by)
     return 0
@@ -1360,9 +1377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   # (the run learns where the strong tests are; previous results count).
   kills: dict[str, dict[str, int]] = {}
   for r in results["mutants"].values():
-    if r["status"] == "caught" and "::" in r["runs"][-1]["detail"]:
+    if (k := killer(r)) is not None:
       per = kills.setdefault(r["path"], {})
-      per[r["runs"][-1]["detail"]] = per.get(r["runs"][-1]["detail"], 0) + 1
+      per[k] = per.get(k, 0) + 1
 
   def plan(mutant: Mutant) -> list[tuple[str, list[str], float]]:
     """The stages of one mutant: ``(name, pytest args, timeout)``."""
@@ -1423,10 +1440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     with lock:
       results["mutants"][mutant.id] = record
-      killer = runs[-1]["detail"]
-      if status == "caught" and "::" in killer:
+      if (k := killer(record)) is not None:
         per = kills.setdefault(mutant.path, {})
-        per[killer] = per.get(killer, 0) + 1
+        per[k] = per.get(k, 0) + 1
       save_json(args.json, results)
     return record
 
@@ -1444,12 +1460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner.close()
 
   print("checking the tests that caught mutants on the unmutated copy")
-  checked = check_killers(snapshot, results, cache)
-  results.setdefault("killers", {}).update(checked)
-  save_json(args.json, results)
-  bad = [k for k, v in checked.items() if v != "passed"]
-  if bad:
-    print(f"warning: {len(bad)} catching tests fail unmutated: {bad[:5]}")
+  _record_killers(snapshot, results, cache, args.json)
 
   for mod, s in sorted(summarize(results, verdicts).items()):
     print(
